@@ -1,0 +1,38 @@
+"""Logging helpers: everything logs under the ``dpwa`` logger, one line per event."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+__all__ = ["OncePerPeer", "get_logger"]
+
+_MAX_REMEMBERED = 4096  # bound the memory a stream of distinct bad peers can make us use
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The ``dpwa.<name>`` logger."""
+    return logging.getLogger(f"dpwa.{name}")
+
+
+class OncePerPeer:
+    """Log a rejection reason at WARNING the first time per peer, at DEBUG after that.
+
+    A hostile or broken peer that repeats the same mistake cannot flood the log.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def warning(self, peer: str, reason: str, message: str, *args: object) -> None:
+        """Log ``message % args``; ``(peer, reason)`` decides whether it is a first."""
+        key = (peer, reason)
+        with self._lock:
+            first = key not in self._seen
+            if first:
+                if len(self._seen) >= _MAX_REMEMBERED:
+                    self._seen.clear()
+                self._seen.add(key)
+        self._logger.log(logging.WARNING if first else logging.DEBUG, message, *args)

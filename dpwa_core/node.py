@@ -1,0 +1,299 @@
+"""A dpwa node: serves its parameters to peers and pulls theirs, beside the training loop.
+
+The training thread calls :meth:`Node.update_send` before a step (publish, maybe start a pull)
+and :meth:`Node.update_wait` after it (collect the pull and the interpolation factor). Network
+work happens on two background threads, a server and a puller, so a slow or dead peer costs the
+training thread at most ``timeout_ms``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dpwa_core._log import get_logger
+from dpwa_core.config import Config, load_config
+from dpwa_core.layout import Layout
+from dpwa_core.peers import PeerTable
+from dpwa_core.puller import Outcome, Puller, Ticket
+from dpwa_core.server import Server
+from dpwa_core.snapshot import SnapshotBuffer
+
+__all__ = ["Node", "PullResult"]
+
+_log = get_logger("node")
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """A peer's snapshot, received, plus the factor to interpolate it with.
+
+    ``params`` is a read-only view of the node's receive buffer: it stays valid until the next
+    :meth:`Node.update_send`, which may start the next pull into the same buffer.
+    """
+
+    params: np.ndarray
+    """The peer's parameters, 1-D float32."""
+    factor: float
+    """Interpolation factor in [0, 1], after the divergence rule: ``local = (1-f)*local + f*peer``."""
+    peer: str
+    """Name of the peer the snapshot came from."""
+    clock: float
+    """The peer's clock when it published the snapshot."""
+    loss: float
+    """The peer's loss when it published the snapshot."""
+    elapsed: float
+    """Seconds from sending the request to the last byte of the answer."""
+
+
+class Node:
+    """One participant of a dpwa cluster.
+
+    Args:
+        config: a :class:`~dpwa_core.config.Config`, a path to a YAML file, or a mapping.
+        name: this node's name in the config; defaults to the ``DPWA_NODE`` environment variable.
+        layout: shapes of the parameter vector. Defaults to a plain vector whose size is taken
+            from the first :meth:`update_send`. Peers refuse each other when layouts differ.
+        seed: seeds the random choices (whether to pull, which peer) for reproducible runs.
+
+    Raises:
+        ConfigError: the config is invalid or does not name this node.
+        OSError: the node's address cannot be bound.
+
+    Example:
+        >>> with Node("cluster.yaml", "w1") as node:              # doctest: +SKIP
+        ...     node.update_send(params, loss)
+        ...     result = node.update_wait(loss)
+        ...     if result is not None:
+        ...         params += result.factor * (result.params - params)
+    """
+
+    def __init__(
+        self,
+        config: Config | str | os.PathLike[str] | Mapping[str, Any],
+        name: str | None = None,
+        *,
+        layout: Layout | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.config = load_config(config)
+        self.name = self.config.resolve_name(name)
+        spec = self.config.node(self.name)
+        self._strategy = self.config.make_strategy()
+        self._rng = random.Random(seed)
+        self._peers = PeerTable(
+            [(p.name, p.host, p.port) for p in self.config.peers_of(self.name)],
+            random.Random(self._rng.getrandbits(64)),
+        )
+        self.clock = 0.0
+        """Samples trained so far, blended with peers' clocks on every interpolation."""
+        self.loss = 0.0
+        """The last loss given to update_send or update_wait."""
+        self._layout: Layout | None = None
+        self._snapshots: SnapshotBuffer | None = None
+        self._puller: Puller | None = None
+        self._pending: Ticket | None = None
+        self._counts = {"pulls_ok": 0, "pulls_failed": 0, "pulls_timed_out": 0}
+        self._last_factor: float | None = None
+        self._last_age: float | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._warned_loss = False
+        self._server = Server(spec.host, spec.port, self.config.timeout)
+        if layout is not None:
+            self._start(layout)
+        _log.info("%s listening on %s:%d", self.name, *self.address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` the node's server is bound to."""
+        return self._server.address
+
+    @property
+    def layout(self) -> Layout | None:
+        """The parameter layout, or None before the first update_send of a layout-less node."""
+        return self._layout
+
+    def update_send(self, params: np.ndarray, loss: float, *, samples: int = 1) -> None:
+        """Publish ``params``, advance the clock, and maybe start a pull.
+
+        The parameters are copied: the caller may change ``params`` as soon as this returns.
+        With probability ``pull_probability`` an asynchronous pull from a peer starts; collect
+        it with :meth:`update_wait`.
+
+        Args:
+            params: 1-D float32 array of the node's parameters.
+            loss: the current training loss, sent to peers with the snapshot.
+            samples: training samples since the last call; the clock advances by this much.
+
+        Raises:
+            TypeError: ``params`` is not a 1-D float32 numpy array.
+            ValueError: ``params`` does not match the node's layout.
+        """
+        if not isinstance(params, np.ndarray) or params.dtype != np.float32 or params.ndim != 1:
+            raise TypeError(
+                f"{self.name}: update_send expects a 1-D float32 numpy array, got "
+                f"{_describe(params)}; flatten it and call .astype(np.float32)"
+            )
+        self._update_send(params.size, lambda out: np.copyto(out, params), loss, samples)
+
+    def update_wait(self, loss: float) -> PullResult | None:
+        """Wait for the pull that :meth:`update_send` started, and compute its factor.
+
+        On success the node's clock becomes ``f * peer_clock + (1 - f) * clock``. The caller
+        applies ``local = (1 - f) * local + f * result.params`` to its model.
+
+        Args:
+            loss: the current training loss (after the step), used by loss-based strategies and
+                the divergence rule.
+
+        Returns:
+            The peer's snapshot and the factor, or None when no pull was started, it failed, or
+            no peer answered within ``timeout_ms`` of the pull's start.
+
+        Raises:
+            InterpolationError: the strategy returned NaN or a factor outside [0, 1].
+        """
+        self.loss = float(loss)
+        ticket, self._pending = self._pending, None
+        if ticket is None:
+            return None
+        if not ticket.done.wait(max(0.0, ticket.deadline - time.monotonic())):
+            ticket.resolve(Outcome.TIMED_OUT, ticket.peer)
+        if ticket.outcome is not Outcome.OK:
+            self._count(ticket.outcome)
+            return None
+        self._count(Outcome.OK)
+        factor = self._strategy(self.clock, ticket.peer_clock, self.loss, ticket.peer_loss)
+        threshold = self.config.divergence_threshold
+        if threshold > 0 and self.loss < threshold:
+            # Near convergence, take less from peers so models can settle (the seed's rule).
+            factor *= max(self.loss, 0.0) / threshold
+        with self._lock:
+            self._last_age = ticket.peer_clock - self.clock
+            self._last_factor = factor
+        self.clock = factor * ticket.peer_clock + (1 - factor) * self.clock
+        assert self._puller is not None  # a ticket exists, so the puller was started
+        params = self._puller.buffer.view()
+        params.flags.writeable = False
+        return PullResult(params, factor, ticket.peer, ticket.peer_clock, ticket.peer_loss,
+                          ticket.elapsed)
+
+    def add_peer(self, name: str, host: str, port: int) -> None:
+        """Start pulling from a peer that is not in the config (or move one to a new address)."""
+        if name == self.name:
+            raise ValueError(f"{self.name}: a node cannot be its own peer")
+        self._peers.add(name, host, port)
+
+    def remove_peer(self, name: str) -> None:
+        """Stop pulling from ``name``; its kept-alive connection is closed on the next pull.
+
+        Raises:
+            KeyError: no peer has that name.
+        """
+        self._peers.remove(name)
+
+    def peers(self) -> list[str]:
+        """Names of the peers this node may pull from."""
+        return self._peers.names()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this node's gossip, for progress lines and dashboards.
+
+        Returns:
+            A dict with ``pulls_ok``, ``pulls_failed``, ``pulls_timed_out``, ``pulls_served``,
+            ``bytes_in``, ``bytes_out``, ``rejected`` (bad requests refused), ``snapshots_skipped``,
+            ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock`` and
+            ``scores`` (each peer's flow-control score).
+        """
+        with self._lock:
+            stats: dict[str, Any] = dict(self._counts)
+            stats["last_factor"] = self._last_factor
+            stats["last_age"] = self._last_age
+        stats["pulls_served"] = self._server.served
+        stats["bytes_out"] = self._server.bytes_out
+        stats["rejected"] = self._server.rejected
+        stats["bytes_in"] = self._puller.bytes_in if self._puller else 0
+        stats["snapshots_skipped"] = self._snapshots.skipped if self._snapshots else 0
+        stats["clock"] = self.clock
+        stats["scores"] = self._peers.scores()
+        return stats
+
+    def close(self) -> None:
+        """Stop both threads, close every socket and free the port (within a second)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._server.close()
+        if self._puller is not None:
+            self._puller.close(timeout=0.5)
+        _log.info("%s closed", self.name)
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        host, port = self.address
+        return f"Node({self.name!r}, {host}:{port}, clock={self.clock:g})"
+
+    def _start(self, layout: Layout) -> None:
+        self._layout = layout
+        self._snapshots = SnapshotBuffer(layout.size)
+        self._puller = Puller(self.name, self._peers, layout)
+        self._server.set_source(layout, self._snapshots)
+
+    def _update_send(
+        self, size: int, fill: Callable[[np.ndarray], object], loss: float, samples: int
+    ) -> None:
+        """Publish what ``fill`` writes into a ``size``-element buffer; maybe start a pull."""
+        if self._closed:
+            raise RuntimeError(f"{self.name}: update_send on a closed node")
+        if self._layout is None:
+            self._start(Layout.flat(size))
+        assert self._layout is not None and self._snapshots is not None and self._puller
+        if size != self._layout.size:
+            raise ValueError(
+                f"{self.name}: got {size} parameters, the node's layout has "
+                f"{self._layout.size} ({self._layout.describe()})"
+            )
+        self.loss = float(loss)
+        if not math.isfinite(self.loss) and not self._warned_loss:
+            self._warned_loss = True
+            _log.warning("%s: loss is %s; peers refuse this node's snapshots until it is finite",
+                         self.name, self.loss)
+        self.clock += samples
+        self._snapshots.publish(fill, self.clock, self.loss)
+        pending = self._pending
+        if pending is not None and not pending.done.is_set():
+            return  # the previous pull is still running; update_wait collects it
+        if self._rng.random() < self.config.pull_probability:
+            deadline = time.monotonic() + self.config.timeout
+            # The request's loss is informational; keep it finite so peers accept the request.
+            request_loss = self.loss if math.isfinite(self.loss) else 0.0
+            self._pending = Ticket(deadline, self.clock, request_loss)
+            self._puller.submit(self._pending)
+
+    def _count(self, outcome: Outcome | None) -> None:
+        key = {Outcome.OK: "pulls_ok", Outcome.TIMED_OUT: "pulls_timed_out"}.get(
+            outcome,  # type: ignore[arg-type]
+            "pulls_failed",
+        )
+        with self._lock:
+            self._counts[key] += 1
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"a {value.ndim}-D {value.dtype} array of shape {value.shape}"
+    return type(value).__name__

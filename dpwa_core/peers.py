@@ -1,0 +1,125 @@
+"""The peer table and its flow control: which peer to pull from next.
+
+Each peer has a score in ``[MIN_SCORE, 1]``. A successful pull moves the score halfway back to 1;
+a failure halves it and a timeout quarters it. The next peer is drawn at random with probability
+proportional to its score, so a slow or dead peer is picked rarely, but never never: the random
+term keeps probing it, and one success brings it back into rotation.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+
+__all__ = ["MIN_SCORE", "Peer", "PeerTable"]
+
+MIN_SCORE = 0.01
+_FAILURE_DECAY = 0.5
+_TIMEOUT_DECAY = 0.25
+
+
+@dataclass
+class Peer:
+    """One peer: where it listens and how it has behaved."""
+
+    name: str
+    host: str
+    port: int
+    score: float = 1.0
+    ok: int = 0
+    failed: int = 0
+    timed_out: int = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` the peer listens on."""
+        return self.host, self.port
+
+
+class PeerTable:
+    """Thread-safe set of peers with flow-control scores.
+
+    Args:
+        peers: initial ``(name, host, port)`` triples.
+        rng: random source for peer choice (seed it for reproducible runs).
+    """
+
+    def __init__(
+        self, peers: list[tuple[str, str, int]], rng: random.Random | None = None
+    ) -> None:
+        self._peers: dict[str, Peer] = {}
+        self._lock = threading.Lock()
+        self._rng = rng or random.Random()
+        for name, host, port in peers:
+            self.add(name, host, port)
+
+    def add(self, name: str, host: str, port: int) -> None:
+        """Add a peer, or move an existing one to a new address (its score is reset).
+
+        Raises:
+            ValueError: the port is outside 1..65535.
+        """
+        if not 0 < port < 65536:
+            raise ValueError(f"peer {name!r}: port {port} is outside 1..65535")
+        with self._lock:
+            self._peers[name] = Peer(name, host, port)
+
+    def remove(self, name: str) -> None:
+        """Forget a peer.
+
+        Raises:
+            KeyError: no peer has that name.
+        """
+        with self._lock:
+            if name not in self._peers:
+                known = ", ".join(sorted(self._peers)) or "none"
+                raise KeyError(f"no peer named {name!r}; peers: {known}")
+            del self._peers[name]
+
+    def get(self, name: str) -> Peer | None:
+        """The peer named ``name``, or None."""
+        with self._lock:
+            return self._peers.get(name)
+
+    def names(self) -> list[str]:
+        """Names of all peers."""
+        with self._lock:
+            return list(self._peers)
+
+    def choose(self) -> Peer | None:
+        """Draw a peer with probability proportional to its score; None when there are none."""
+        with self._lock:
+            peers = list(self._peers.values())
+            if not peers:
+                return None
+            return self._rng.choices(peers, weights=[p.score for p in peers])[0]
+
+    def record_success(self, name: str) -> None:
+        """A pull from ``name`` succeeded: raise its score halfway to 1."""
+        with self._lock:
+            peer = self._peers.get(name)
+            if peer is not None:
+                peer.ok += 1
+                peer.score += (1.0 - peer.score) / 2
+
+    def record_failure(self, name: str) -> None:
+        """A pull from ``name`` failed (refused, reset, malformed): halve its score."""
+        with self._lock:
+            peer = self._peers.get(name)
+            if peer is not None:
+                peer.failed += 1
+                peer.score = max(MIN_SCORE, peer.score * _FAILURE_DECAY)
+
+    def record_timeout(self, name: str) -> None:
+        """A pull from ``name`` timed out: quarter its score."""
+        with self._lock:
+            peer = self._peers.get(name)
+            if peer is not None:
+                peer.timed_out += 1
+                peer.score = max(MIN_SCORE, peer.score * _TIMEOUT_DECAY)
+
+    def scores(self) -> dict[str, float]:
+        """Current flow-control score of every peer."""
+        with self._lock:
+            return {name: peer.score for name, peer in self._peers.items()}

@@ -1,0 +1,202 @@
+"""The client side of a node: one thread that pulls a chosen peer's snapshot.
+
+The training thread hands the puller a :class:`Ticket` with a deadline; the puller picks a peer
+by flow-control score, sends PULL on a persistent connection (reconnecting when the peer dropped
+it) and receives the answer straight into one preallocated buffer. Whoever resolves a ticket
+first wins: a pull that finishes after its deadline is dropped, never delivered late.
+"""
+
+from __future__ import annotations
+
+import enum
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dpwa_core._log import OncePerPeer, get_logger
+from dpwa_core.errors import ProtocolError
+from dpwa_core.layout import Layout, describe_fingerprint
+from dpwa_core.peers import Peer, PeerTable
+from dpwa_core.wire import HEADER, MessageType, decode_header, encode_header, recv_exact, send_all
+
+__all__ = ["Outcome", "Puller", "Ticket"]
+
+_log = get_logger("puller")
+
+
+class Outcome(enum.Enum):
+    """How a pull ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass
+class Ticket:
+    """One requested pull: the deadline, and the outcome once resolved."""
+
+    deadline: float
+    clock: float
+    loss: float
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
+    peer: str = ""
+    peer_clock: float = 0.0
+    peer_loss: float = 0.0
+    elapsed: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def resolve(self, outcome: Outcome, peer: str = "", **fields: float) -> bool:
+        """Record the outcome unless one was recorded already; True when this call won."""
+        with self._lock:
+            if self.outcome is not None:
+                return False
+            self.outcome, self.peer = outcome, peer
+            for key, value in fields.items():
+                setattr(self, key, value)
+        self.done.set()
+        return True
+
+
+class _NotReady(Exception):
+    """The peer has published nothing yet."""
+
+
+class Puller:
+    """Pulls peers' snapshots into one receive buffer on a background thread.
+
+    Args:
+        name: this node's name, for log lines.
+        peers: the peer table to choose from and to score.
+        layout: this node's layout; answers with another layout are refused.
+    """
+
+    def __init__(self, name: str, peers: PeerTable, layout: Layout) -> None:
+        self.name = name
+        self.layout = layout
+        self.buffer = np.empty(layout.size, np.float32)
+        self._payload = memoryview(self.buffer).cast("B")
+        self._header = memoryview(bytearray(HEADER.size))
+        self._peers = peers
+        self._conns: dict[str, tuple[socket.socket, tuple[str, int]]] = {}
+        self._queue: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
+        self._warn = OncePerPeer(_log)
+        self.bytes_in = 0
+        self._thread = threading.Thread(target=self._run, name=f"dpwa-puller-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, ticket: Ticket) -> None:
+        """Queue a pull; the ticket is resolved by its deadline at the latest."""
+        self._queue.put(ticket)
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the thread (after the pull in flight, bounded by its deadline) and close sockets."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        for conn, _ in list(self._conns.values()):
+            conn.close()
+        self._conns.clear()
+
+    def _run(self) -> None:
+        while (ticket := self._queue.get()) is not None:
+            try:
+                self._pull(ticket)
+            except Exception:  # never let one bad pull kill the thread
+                _log.exception("%s: unexpected error during a pull", self.name)
+                ticket.resolve(Outcome.FAILED)
+        for conn, _ in list(self._conns.values()):
+            conn.close()
+
+    def _pull(self, ticket: Ticket) -> None:
+        if time.monotonic() >= ticket.deadline:
+            ticket.resolve(Outcome.TIMED_OUT)
+            return
+        self._drop_forgotten()
+        peer = self._peers.choose()
+        if peer is None:
+            ticket.resolve(Outcome.FAILED)
+            return
+        start = time.monotonic()
+        try:
+            clock, loss = self._exchange(peer, ticket)
+        except TimeoutError:
+            self._close(peer.name)
+            self._peers.record_timeout(peer.name)
+            self._warn.warning(peer.name, "timeout", "%s: pull from %s timed out", self.name,
+                               peer.name)
+            ticket.resolve(Outcome.TIMED_OUT, peer.name)
+        except _NotReady:
+            ticket.resolve(Outcome.FAILED, peer.name)  # alive, just not started: no penalty
+        except (ProtocolError, OSError) as exc:
+            self._close(peer.name)
+            self._peers.record_failure(peer.name)
+            reason = type(exc).__name__ if isinstance(exc, OSError) else str(exc)
+            self._warn.warning(peer.name, reason, "%s: pull from %s failed: %s", self.name,
+                               peer.name, exc)
+            ticket.resolve(Outcome.FAILED, peer.name)
+        else:
+            self._peers.record_success(peer.name)
+            self.bytes_in += HEADER.size + self.layout.nbytes
+            ticket.resolve(Outcome.OK, peer.name, peer_clock=clock, peer_loss=loss,
+                           elapsed=time.monotonic() - start)
+
+    def _exchange(self, peer: Peer, ticket: Ticket) -> tuple[float, float]:
+        """Send PULL, receive the answer; returns the peer's (clock, loss)."""
+        size, shape_hash = self.layout.fingerprint
+        request = encode_header(MessageType.PULL, clock=ticket.clock, loss=ticket.loss,
+                                size=size, shape_hash=shape_hash)
+        for attempt in range(2):
+            conn, fresh = self._connection(peer, ticket.deadline)
+            try:
+                send_all(conn, request, ticket.deadline)
+                recv_exact(conn, self._header, ticket.deadline)
+                break
+            except ConnectionError:
+                self._close(peer.name)
+                # A kept-alive socket the peer dropped (restart, idle close): retry once, fresh.
+                if fresh or attempt:
+                    raise
+        header = decode_header(self._header)
+        if header.type is MessageType.NOT_READY:
+            raise _NotReady
+        if header.type is MessageType.LAYOUT_MISMATCH:
+            text = bytearray(header.length)  # bounded by MAX_TEXT_PAYLOAD in decode_header
+            recv_exact(conn, memoryview(text), ticket.deadline)
+            theirs = text.decode("utf-8", "replace")
+            raise ProtocolError(f"layout mismatch: ours {self.layout.describe()}; theirs {theirs}")
+        if header.type is not MessageType.PARAMS:
+            raise ProtocolError(f"expected PARAMS, got {header.type.name}")
+        if (header.size, header.shape_hash) != (size, shape_hash):
+            theirs = describe_fingerprint(header.size, header.shape_hash)
+            raise ProtocolError(f"layout mismatch: ours {self.layout.describe()}; theirs {theirs}")
+        recv_exact(conn, self._payload, ticket.deadline)
+        return header.clock, header.loss
+
+    def _connection(self, peer: Peer, deadline: float) -> tuple[socket.socket, bool]:
+        """The kept-alive connection to ``peer``, or a new one; True when new."""
+        kept = self._conns.get(peer.name)
+        if kept is not None and kept[1] == peer.address:
+            return kept[0], False
+        self._close(peer.name)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed before connecting")
+        conn = socket.create_connection(peer.address, timeout=remaining)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conns[peer.name] = (conn, peer.address)
+        return conn, True
+
+    def _close(self, name: str) -> None:
+        kept = self._conns.pop(name, None)
+        if kept is not None:
+            kept[0].close()
+
+    def _drop_forgotten(self) -> None:
+        known = set(self._peers.names())
+        for name in [n for n in self._conns if n not in known]:
+            self._close(name)

@@ -1,0 +1,183 @@
+"""The wire format: one fixed 52-byte header, then raw little-endian float32 parameters.
+
+docs/PROTOCOL.md describes every byte. Nothing received is unpickled or evaluated: a message is
+decoded with :mod:`struct`, every field is checked before it is used, and a payload is received
+straight into a buffer the receiver allocated for its own layout, so a peer cannot make us
+allocate more by lying about a length.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import socket
+import struct
+import time
+from typing import NamedTuple
+
+from dpwa_core.errors import ProtocolError
+
+__all__ = [
+    "HEADER",
+    "MAGIC",
+    "MAX_TEXT_PAYLOAD",
+    "VERSION",
+    "DType",
+    "Header",
+    "MessageType",
+    "decode_header",
+    "encode_header",
+    "recv_exact",
+    "send_all",
+]
+
+MAGIC = b"DPWA"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHBBHddQQQ")
+"""magic, version, type, flags, dtype, reserved8, reserved16, clock, loss, size, hash, length."""
+MAX_TEXT_PAYLOAD = 64 * 1024
+"""Largest layout description a LAYOUT_MISMATCH message may carry."""
+
+
+class MessageType(enum.IntEnum):
+    """What a message is; the header's third byte."""
+
+    PULL = 1
+    """Client asks for the server's latest snapshot; carries the client's layout, no payload."""
+    PARAMS = 2
+    """Server's snapshot: its clock and loss in the header, the parameters as payload."""
+    NOT_READY = 3
+    """Server has published no snapshot yet; no payload."""
+    LAYOUT_MISMATCH = 4
+    """Server refuses: layouts differ. Payload: the server's layout, UTF-8 text."""
+
+
+class DType(enum.IntEnum):
+    """Element type of a PARAMS payload."""
+
+    FLOAT32 = 1
+
+
+class Header(NamedTuple):
+    """A decoded and validated header."""
+
+    type: MessageType
+    clock: float
+    loss: float
+    size: int
+    shape_hash: int
+    length: int
+
+
+def encode_header(
+    kind: MessageType,
+    *,
+    clock: float = 0.0,
+    loss: float = 0.0,
+    size: int = 0,
+    shape_hash: int = 0,
+    length: int = 0,
+) -> bytes:
+    """Pack one header.
+
+    Args:
+        kind: the message type.
+        clock: the sender's clock (samples trained).
+        loss: the sender's last reported loss.
+        size: number of float32 elements of the sender's layout.
+        shape_hash: 64-bit hash of the sender's layout shapes.
+        length: number of payload bytes that follow the header.
+
+    Returns:
+        The :data:`HEADER`-sized bytes.
+    """
+    return HEADER.pack(
+        MAGIC, VERSION, kind, 0, DType.FLOAT32, 0, 0, clock, loss, size, shape_hash, length
+    )
+
+
+def decode_header(data: bytes | bytearray | memoryview) -> Header:
+    """Unpack and validate one header.
+
+    Checks magic, version, type, flags, dtype and reserved bytes, that clock and loss are finite
+    and clock is not negative, and that the payload length fits the message type. Whether a
+    PARAMS length matches the receiver's layout is checked by the receiver, which knows it.
+
+    Args:
+        data: exactly :data:`HEADER` ``.size`` bytes.
+
+    Returns:
+        The decoded :class:`Header`.
+
+    Raises:
+        ProtocolError: naming the first field that is wrong.
+    """
+    if len(data) != HEADER.size:
+        raise ProtocolError(f"header is {len(data)} bytes, expected {HEADER.size}")
+    magic, version, kind, flags, dtype, res8, res16, clock, loss, size, shape_hash, length = (
+        HEADER.unpack(data)
+    )
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}: not a dpwa peer")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, this node speaks {VERSION}")
+    try:
+        message_type = MessageType(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {kind}") from None
+    if flags != 0:
+        raise ProtocolError(f"unknown flags 0x{flags:04x}")
+    if dtype != DType.FLOAT32:
+        raise ProtocolError(f"unknown payload dtype {dtype}")
+    if res8 != 0 or res16 != 0:
+        raise ProtocolError("reserved header bytes are not zero")
+    if not math.isfinite(clock) or clock < 0:
+        raise ProtocolError(f"clock {clock!r} is not a finite non-negative number")
+    if not math.isfinite(loss):
+        raise ProtocolError(f"loss {loss!r} is not finite")
+    if message_type in (MessageType.PULL, MessageType.NOT_READY) and length != 0:
+        raise ProtocolError(f"{message_type.name} carries no payload, header says {length} bytes")
+    if message_type is MessageType.LAYOUT_MISMATCH and length > MAX_TEXT_PAYLOAD:
+        raise ProtocolError(f"layout description of {length} bytes exceeds {MAX_TEXT_PAYLOAD}")
+    if message_type is MessageType.PARAMS and length != 4 * size:
+        raise ProtocolError(f"payload of {length} bytes does not hold {size} float32 elements")
+    return Header(message_type, clock, loss, size, shape_hash, length)
+
+
+def recv_exact(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    """Fill ``view`` from ``sock``, giving up at ``deadline`` (a ``time.monotonic()`` value).
+
+    Receives straight into the caller's buffer; never allocates a payload-sized object.
+
+    Raises:
+        TimeoutError: the deadline passed first.
+        ConnectionError: the peer closed the connection part-way.
+    """
+    got, total = 0, len(view)
+    while got < total:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"received {got} of {total} bytes before the deadline")
+        sock.settimeout(remaining)
+        try:
+            n = sock.recv_into(view[got:], total - got)
+        except TimeoutError:
+            raise TimeoutError(f"received {got} of {total} bytes before the deadline") from None
+        if n == 0:
+            raise ConnectionError(f"peer closed the connection after {got} of {total} bytes")
+        got += n
+
+
+def send_all(sock: socket.socket, data: bytes | memoryview, deadline: float) -> None:
+    """Send all of ``data`` (a memoryview is sent without a copy), giving up at ``deadline``.
+
+    Raises:
+        TimeoutError: the deadline passed first.
+        OSError: the connection failed.
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("deadline passed before sending")
+    # Since Python 3.5 a socket timeout bounds the whole sendall, not each chunk.
+    sock.settimeout(remaining)
+    sock.sendall(data)

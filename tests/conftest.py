@@ -1,0 +1,46 @@
+"""Shared fixtures: free loopback ports and small cluster configs."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports that were free on 127.0.0.1 a moment ago (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def cluster(count: int, **options: Any) -> dict[str, Any]:
+    """A config mapping for ``count`` nodes w1..wN on 127.0.0.1, with ``options`` on top."""
+    ports = free_ports(count)
+    config: dict[str, Any] = {
+        "nodes": [
+            {"name": f"w{i + 1}", "host": "127.0.0.1", "port": port}
+            for i, port in enumerate(ports)
+        ],
+        "pull_probability": 1.0,
+        "timeout_ms": 1000,
+        "interpolation": "constant",
+        "constant": {"value": 0.5},
+    }
+    config.update(options)
+    return config
+
+
+@pytest.fixture
+def make_cluster() -> Callable[..., dict[str, Any]]:
+    """Factory fixture: ``make_cluster(3, timeout_ms=200)`` returns a config mapping."""
+    return cluster

@@ -1,0 +1,134 @@
+"""The wire format: every header field is checked, and the parser fails only with ProtocolError."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dpwa_core.errors import ProtocolError
+from dpwa_core.wire import (
+    HEADER,
+    MAX_TEXT_PAYLOAD,
+    MessageType,
+    decode_header,
+    encode_header,
+    recv_exact,
+    send_all,
+)
+
+FIELDS = dict(magic=b"DPWA", version=1, type=2, flags=0, dtype=1, r8=0, r16=0,
+              clock=5.0, loss=0.25, size=10, hash=0xABCDEF, length=40)
+
+
+def pack(**overrides: object) -> bytes:
+    fields = {**FIELDS, **overrides}
+    return HEADER.pack(*fields.values())
+
+
+def test_header_is_52_bytes_little_endian() -> None:
+    data = encode_header(MessageType.PARAMS, clock=3.0, loss=0.5, size=2, shape_hash=7, length=8)
+    assert len(data) == 52
+    assert data[:4] == b"DPWA"
+    assert data[4] == 1 and data[5] == 2
+    assert struct.unpack_from("<d", data, 12)[0] == 3.0
+    assert struct.unpack_from("<Q", data, 44)[0] == 8
+
+
+def test_round_trip() -> None:
+    data = encode_header(MessageType.PARAMS, clock=12.5, loss=0.125, size=3, shape_hash=2**64 - 1,
+                         length=12)
+    header = decode_header(data)
+    assert header.type is MessageType.PARAMS
+    assert (header.clock, header.loss, header.size, header.shape_hash, header.length) == (
+        12.5, 0.125, 3, 2**64 - 1, 12)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(magic=b"HTTP"), "bad magic"),
+        (dict(version=2), "protocol version 2"),
+        (dict(type=0), "unknown message type 0"),
+        (dict(type=9), "unknown message type 9"),
+        (dict(flags=1), "unknown flags"),
+        (dict(dtype=2), "unknown payload dtype"),
+        (dict(r8=1), "reserved"),
+        (dict(r16=5), "reserved"),
+        (dict(clock=float("nan")), "clock"),
+        (dict(clock=-1.0), "clock"),
+        (dict(clock=float("inf")), "clock"),
+        (dict(loss=float("nan")), "loss"),
+        (dict(loss=float("-inf")), "loss"),
+        (dict(length=2**63), "does not hold 10 float32"),
+        (dict(length=39), "does not hold 10 float32"),
+        (dict(type=1, length=1), "PULL carries no payload"),
+        (dict(type=3, length=4), "NOT_READY carries no payload"),
+        (dict(type=4, length=MAX_TEXT_PAYLOAD + 1), "layout description"),
+    ],
+)
+def test_every_bad_field_is_named(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        decode_header(pack(**overrides))
+
+
+def test_short_header() -> None:
+    with pytest.raises(ProtocolError, match="header is 51 bytes"):
+        decode_header(pack()[:-1])
+
+
+@given(st.binary(min_size=HEADER.size, max_size=HEADER.size))
+def test_random_bytes_raise_only_protocol_error(data: bytes) -> None:
+    try:
+        header = decode_header(data)
+    except ProtocolError:
+        return
+    assert header.length <= max(MAX_TEXT_PAYLOAD, 4 * header.size)
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.sampled_from(list(MessageType)))
+def test_any_valid_header_decodes(size: int, length: int, kind: MessageType) -> None:
+    data = pack(type=int(kind), size=size, length=length)
+    try:
+        header = decode_header(data)
+    except ProtocolError:
+        return
+    assert header.size == size and header.type is kind
+
+
+def test_recv_exact_times_out_on_a_silent_peer() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"abc")
+        buf = memoryview(bytearray(10))
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="received 3 of 10"):
+            recv_exact(a, buf, time.monotonic() + 0.2)
+        assert time.monotonic() - start < 1.0
+
+
+def test_recv_exact_reports_a_closed_connection() -> None:
+    a, b = socket.socketpair()
+    with a:
+        b.sendall(b"abcd")
+        b.close()
+        with pytest.raises(ConnectionError, match="after 4 of 10"):
+            recv_exact(a, memoryview(bytearray(10)), time.monotonic() + 1)
+
+
+def test_send_all_then_recv_exact_moves_a_large_buffer() -> None:
+    a, b = socket.socketpair()
+    payload = bytes(range(256)) * 4096
+    out = bytearray(len(payload))
+
+    t = threading.Thread(target=send_all, args=(a, memoryview(payload), time.monotonic() + 5))
+    with a, b:
+        t.start()
+        recv_exact(b, memoryview(out), time.monotonic() + 5)
+        t.join()
+    assert out == payload
