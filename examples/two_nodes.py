@@ -1,0 +1,91 @@
+"""Two PyTorch nodes on this machine learn one linear model by gossip.
+
+Each node sees only its own half of the data and starts from different weights. Run:
+
+    python examples/two_nodes.py
+
+The script starts itself twice, as nodes w1 and w2 of examples/two_nodes.yaml (the node's name
+comes from the DPWA_NODE environment variable), and prefixes each line with the node's name.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+CONFIG = Path(__file__).with_name("two_nodes.yaml")
+STEPS = 300
+
+
+def train(name: str) -> None:
+    import torch
+
+    import dpwa_core
+
+    index = int(name[1:])
+    generator = torch.Generator().manual_seed(0)
+    true_w = torch.randn(16, 1, generator=generator)
+    x = torch.randn(2000, 16, generator=generator)
+    y = x @ true_w + 0.01 * torch.randn(2000, 1, generator=generator)
+    shard = slice((index - 1) * 1000, index * 1000)  # each node trains on its own half
+    x, y = x[shard], y[shard]
+
+    torch.manual_seed(index)  # different initial weights on each node
+    model = torch.nn.Linear(16, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with dpwa_core.connect(model, CONFIG, name) as gossip:
+        loss = float("nan")
+        for step in range(1, STEPS + 1):
+            batch = torch.randint(0, 1000, (32,))
+            gossip.update_send(loss if step > 1 else 1.0, samples=32)
+            optimizer.zero_grad()
+            loss_t = torch.nn.functional.mse_loss(model(x[batch]), y[batch])
+            loss_t.backward()
+            optimizer.step()
+            loss = loss_t.item()
+            gossip.update_wait(loss)
+            if step % 50 == 0:
+                stats = gossip.node.stats()
+                error = (model.weight.detach().T - true_w).norm().item()
+                print(
+                    f"step {step:4d}  loss {loss:.5f}  |w - w*| {error:.4f}  "
+                    f"pulls ok {stats['pulls_ok']} failed {stats['pulls_failed']}",
+                    flush=True,
+                )
+
+
+def launch() -> int:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__],
+            env={**os.environ, "DPWA_NODE": name},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("w1", "w2")
+    ]
+
+    def relay(name: str, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"[{name}] {line}", end="", flush=True)
+
+    relays = [threading.Thread(target=relay, args=pair) for pair in zip(("w1", "w2"), procs)]
+    for thread in relays:
+        thread.start()
+    for thread in relays:
+        thread.join()
+    codes = [proc.wait() for proc in procs]
+    print("both nodes finished" if not any(codes) else f"node exit codes: {codes}")
+    return max(codes)
+
+
+if __name__ == "__main__":
+    if "DPWA_NODE" in os.environ:
+        train(os.environ["DPWA_NODE"])
+    else:
+        sys.exit(launch())
