@@ -79,9 +79,7 @@ def _gloo(rank: int, port: int, nbytes: int, repeats: int, out: Any) -> None:
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-    )
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     tensor = torch.ones(nbytes // 4, dtype=torch.float32)
     request = torch.zeros(1)
     times = []
@@ -149,13 +147,17 @@ def measure(nbytes: int, repeats: int) -> dict[str, float]:
 
         port = _free_ports(1)[0]
         rows["gloo"] = _median_ms(
-            _run([(_gloo, (0, port, nbytes, repeats, q)), (_gloo, (1, port, nbytes, repeats, q))], q)
+            _run(
+                [(_gloo, (0, port, nbytes, repeats, q)), (_gloo, (1, port, nbytes, repeats, q))], q
+            )
         )
     except ImportError:
         print("torch is not installed: skipping gloo", file=sys.stderr)
     ports = _free_ports(2)
     config = {
-        "nodes": [{"name": f"w{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)],
+        "nodes": [
+            {"name": f"w{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)
+        ],
         "timeout_ms": 30_000,
         "pull_probability": 1.0,
     }
@@ -194,7 +196,10 @@ def main() -> None:
     for method in methods:
         print(f"{method:<12}" + "".join(f"{results[k][method]:>12.2f}" for k in results))
     if all("gloo" in r for r in results.values()):
-        print(f"{'Node/gloo':<12}" + "".join(f"{r['Node'] / r['gloo']:>12.2f}" for r in results.values()))
+        print(
+            f"{'Node/gloo':<12}"
+            + "".join(f"{r['Node'] / r['gloo']:>12.2f}" for r in results.values())
+        )
     print(json.dumps({"benchmark": "pull_throughput", "repeats": args.repeats, "ms": results}))
 
 

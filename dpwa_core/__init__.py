@@ -24,7 +24,7 @@ from dpwa_core.errors import (
     PluginError,
     ProtocolError,
 )
-from dpwa_core.hookspec import Strategy, hookimpl, hookspec
+from dpwa_core.hookspec import Strategy, hookimpl
 from dpwa_core.layout import Layout
 from dpwa_core.node import Node, PullResult
 
@@ -50,6 +50,5 @@ __all__ = [
     "detect_adapter",
     "get_adapter",
     "hookimpl",
-    "hookspec",
     "load_config",
 ]

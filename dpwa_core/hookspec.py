@@ -65,5 +65,3 @@ def dpwa_register_interpolations() -> Mapping[str, StrategyFactory]:  # type: ig
 
     A name registered by two plugins is an error that names both.
     """
-
-

@@ -79,7 +79,9 @@ def describe_fingerprint(
     """Spell out a layout fingerprint, with its first shapes when they are known."""
     text = f"{size} elements, shape hash {shape_hash:016x}"
     if shapes is not None:
-        shown = ", ".join("x".join(str(d) for d in s) or "scalar" for s in shapes[:_DESCRIBE_SHAPES])
+        shown = ", ".join(
+            "x".join(str(d) for d in s) or "scalar" for s in shapes[:_DESCRIBE_SHAPES]
+        )
         more = len(shapes) - _DESCRIBE_SHAPES
         if more > 0:
             shown += f", ... {more} more"

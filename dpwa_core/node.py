@@ -43,7 +43,7 @@ class PullResult:
     params: np.ndarray
     """The peer's parameters, 1-D float32."""
     factor: float
-    """Interpolation factor in [0, 1], after the divergence rule: ``local = (1-f)*local + f*peer``."""
+    """Factor in [0, 1], after the divergence rule: ``local = (1-f)*local + f*peer``."""
     peer: str
     """Name of the peer the snapshot came from."""
     clock: float
@@ -184,8 +184,9 @@ class Node:
         assert self._puller is not None  # a ticket exists, so the puller was started
         params = self._puller.buffer.view()
         params.flags.writeable = False
-        return PullResult(params, factor, ticket.peer, ticket.peer_clock, ticket.peer_loss,
-                          ticket.elapsed)
+        return PullResult(
+            params, factor, ticket.peer, ticket.peer_clock, ticket.peer_loss, ticket.elapsed
+        )
 
     def add_peer(self, name: str, host: str, port: int) -> None:
         """Start pulling from a peer that is not in the config (or move one to a new address)."""
@@ -270,8 +271,11 @@ class Node:
         self.loss = float(loss)
         if not math.isfinite(self.loss) and not self._warned_loss:
             self._warned_loss = True
-            _log.warning("%s: loss is %s; peers refuse this node's snapshots until it is finite",
-                         self.name, self.loss)
+            _log.warning(
+                "%s: loss is %s; peers refuse this node's snapshots until it is finite",
+                self.name,
+                self.loss,
+            )
         self.clock += samples
         self._snapshots.publish(fill, self.clock, self.loss)
         pending = self._pending

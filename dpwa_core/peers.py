@@ -45,9 +45,7 @@ class PeerTable:
         rng: random source for peer choice (seed it for reproducible runs).
     """
 
-    def __init__(
-        self, peers: list[tuple[str, str, int]], rng: random.Random | None = None
-    ) -> None:
+    def __init__(self, peers: list[tuple[str, str, int]], rng: random.Random | None = None) -> None:
         self._peers: dict[str, Peer] = {}
         self._lock = threading.Lock()
         self._rng = rng or random.Random()

@@ -80,7 +80,7 @@ class Puller:
         self.name = name
         self.layout = layout
         self.buffer = np.empty(layout.size, np.float32)
-        self._payload = memoryview(self.buffer).cast("B")
+        self._payload = self.buffer.data.cast("B")
         self._header = memoryview(bytearray(HEADER.size))
         self._peers = peers
         self._conns: dict[str, tuple[socket.socket, tuple[str, int]]] = {}
@@ -127,8 +127,9 @@ class Puller:
         except TimeoutError:
             self._close(peer.name)
             self._peers.record_timeout(peer.name)
-            self._warn.warning(peer.name, "timeout", "%s: pull from %s timed out", self.name,
-                               peer.name)
+            self._warn.warning(
+                peer.name, "timeout", "%s: pull from %s timed out", self.name, peer.name
+            )
             ticket.resolve(Outcome.TIMED_OUT, peer.name)
         except _NotReady:
             ticket.resolve(Outcome.FAILED, peer.name)  # alive, just not started: no penalty
@@ -136,20 +137,27 @@ class Puller:
             self._close(peer.name)
             self._peers.record_failure(peer.name)
             reason = type(exc).__name__ if isinstance(exc, OSError) else str(exc)
-            self._warn.warning(peer.name, reason, "%s: pull from %s failed: %s", self.name,
-                               peer.name, exc)
+            self._warn.warning(
+                peer.name, reason, "%s: pull from %s failed: %s", self.name, peer.name, exc
+            )
             ticket.resolve(Outcome.FAILED, peer.name)
         else:
             self._peers.record_success(peer.name)
             self.bytes_in += HEADER.size + self.layout.nbytes
-            ticket.resolve(Outcome.OK, peer.name, peer_clock=clock, peer_loss=loss,
-                           elapsed=time.monotonic() - start)
+            ticket.resolve(
+                Outcome.OK,
+                peer.name,
+                peer_clock=clock,
+                peer_loss=loss,
+                elapsed=time.monotonic() - start,
+            )
 
     def _exchange(self, peer: Peer, ticket: Ticket) -> tuple[float, float]:
         """Send PULL, receive the answer; returns the peer's (clock, loss)."""
         size, shape_hash = self.layout.fingerprint
-        request = encode_header(MessageType.PULL, clock=ticket.clock, loss=ticket.loss,
-                                size=size, shape_hash=shape_hash)
+        request = encode_header(
+            MessageType.PULL, clock=ticket.clock, loss=ticket.loss, size=size, shape_hash=shape_hash
+        )
         for attempt in range(2):
             conn, fresh = self._connection(peer, ticket.deadline)
             try:

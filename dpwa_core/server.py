@@ -7,6 +7,7 @@ connection. Connections are persistent: a peer sends the next PULL on the same s
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -115,8 +116,11 @@ class Server:
             if full:
                 self.rejected += 1
                 self._rejections.warning(
-                    addr[0], "full", "refused %s: already serving %d connections",
-                    peer, self.max_connections,
+                    addr[0],
+                    "full",
+                    "refused %s: already serving %d connections",
+                    peer,
+                    self.max_connections,
                 )
                 conn.close()
                 continue
@@ -146,9 +150,7 @@ class Server:
                     return
         except ProtocolError as exc:
             self.rejected += 1
-            self._rejections.warning(
-                host, str(exc), "closed connection from %s: %s", peer, exc
-            )
+            self._rejections.warning(host, str(exc), "closed connection from %s: %s", peer, exc)
         except TimeoutError:
             self._rejections.warning(
                 host, "timeout", "closed connection from %s: request or answer timed out", peer
@@ -171,13 +173,19 @@ class Server:
             ours = layout.describe()
             self.rejected += 1
             self._rejections.warning(
-                peer.rsplit(":", 1)[0], "layout", "refused pull from %s: layout mismatch: "
-                "theirs %s; ours %s", peer, describe_fingerprint(size, shape_hash), ours,
+                peer.rsplit(":", 1)[0],
+                "layout",
+                "refused pull from %s: layout mismatch: theirs %s; ours %s",
+                peer,
+                describe_fingerprint(size, shape_hash),
+                ours,
             )
             text = ours.encode()[:MAX_TEXT_PAYLOAD]
             reply = encode_header(
                 MessageType.LAYOUT_MISMATCH,
-                size=layout.size, shape_hash=layout.shape_hash, length=len(text),
+                size=layout.size,
+                shape_hash=layout.shape_hash,
+                length=len(text),
             )
             send_all(conn, reply + text, time.monotonic() + self.timeout)
             return False
@@ -188,11 +196,14 @@ class Server:
                 return True
             reply = encode_header(
                 MessageType.PARAMS,
-                clock=snapshot.clock, loss=snapshot.loss,
-                size=layout.size, shape_hash=layout.shape_hash, length=layout.nbytes,
+                clock=snapshot.clock,
+                loss=snapshot.loss,
+                size=layout.size,
+                shape_hash=layout.shape_hash,
+                length=layout.nbytes,
             )
             send_all(conn, reply, deadline)
-            send_all(conn, memoryview(snapshot.params).cast("B"), deadline)
+            send_all(conn, snapshot.params.data.cast("B"), deadline)
         with self._lock:
             self.served += 1
             self.bytes_out += HEADER.size + layout.nbytes
@@ -200,7 +211,5 @@ class Server:
 
 
 def _shutdown(conn: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # already closed by its own thread
         conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed by its own thread

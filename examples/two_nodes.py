@@ -74,7 +74,8 @@ def launch() -> int:
         for line in proc.stdout:
             print(f"[{name}] {line}", end="", flush=True)
 
-    relays = [threading.Thread(target=relay, args=pair) for pair in zip(("w1", "w2"), procs)]
+    names = ("w1", "w2")
+    relays = [threading.Thread(target=relay, args=p) for p in zip(names, procs, strict=True)]
     for thread in relays:
         thread.start()
     for thread in relays:

@@ -28,8 +28,7 @@ def cluster(count: int, **options: Any) -> dict[str, Any]:
     ports = free_ports(count)
     config: dict[str, Any] = {
         "nodes": [
-            {"name": f"w{i + 1}", "host": "127.0.0.1", "port": port}
-            for i, port in enumerate(ports)
+            {"name": f"w{i + 1}", "host": "127.0.0.1", "port": port} for i, port in enumerate(ports)
         ],
         "pull_probability": 1.0,
         "timeout_ms": 1000,

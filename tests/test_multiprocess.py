@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
 from conftest import cluster
 
 WORKER = Path(__file__).parent / "workers" / "gossip_worker.py"

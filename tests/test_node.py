@@ -121,8 +121,11 @@ def test_a_peer_that_stalls_mid_payload_times_out_and_leaves_no_result(
         conn, _ = stall.accept()
         with conn:
             conn.recv(HEADER.size)
-            conn.sendall(encode_header(MessageType.PARAMS, size=1000,
-                                       shape_hash=layout.shape_hash, length=4000))
+            conn.sendall(
+                encode_header(
+                    MessageType.PARAMS, size=1000, shape_hash=layout.shape_hash, length=4000
+                )
+            )
             conn.sendall(b"\x00" * 1000)  # a quarter of the payload, then silence
             time.sleep(1.0)
 
@@ -143,9 +146,10 @@ def test_layout_mismatch_is_refused_with_both_layouts(
 ) -> None:
     config = make_cluster(2, timeout_ms=500)
     caplog.set_level(logging.WARNING, logger="dpwa")
-    with Node(config, "w1", layout=Layout([(3, 4), (4,)])) as a, Node(
-        config, "w2", layout=Layout([(4, 3), (4,)])
-    ) as b:
+    with (
+        Node(config, "w1", layout=Layout([(3, 4), (4,)])) as a,
+        Node(config, "w2", layout=Layout([(4, 3), (4,)])) as b,
+    ):
         a.update_send(np.ones(16, np.float32), 1.0)
         mine = np.zeros(16, np.float32)
         for _ in range(5):
@@ -259,8 +263,7 @@ def test_a_lying_server_cannot_make_the_puller_allocate(make_cluster: Cluster) -
         with conn:
             conn.recv(HEADER.size)
             # Claims a 2**61-element layout (8 EiB) with a matching payload length.
-            conn.sendall(encode_header(MessageType.PARAMS, size=2**61, shape_hash=1,
-                                       length=2**63))
+            conn.sendall(encode_header(MessageType.PARAMS, size=2**61, shape_hash=1, length=2**63))
             time.sleep(0.5)
 
     threading.Thread(target=lie, daemon=True).start()
@@ -322,4 +325,4 @@ def test_server_request_header_roundtrip_over_a_raw_socket(two: tuple[Node, Node
     header = decode_header(data[: HEADER.size])
     assert header.type is MessageType.PARAMS
     assert (header.clock, header.loss, header.length) == (4.0, 0.75, 24)
-    np.testing.assert_array_equal(np.frombuffer(data[HEADER.size:], "<f4"), np.arange(6))
+    np.testing.assert_array_equal(np.frombuffer(data[HEADER.size :], "<f4"), np.arange(6))

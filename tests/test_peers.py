@@ -11,8 +11,10 @@ from dpwa_core.peers import MIN_SCORE, PeerTable
 
 
 def table() -> PeerTable:
-    return PeerTable([("a", "127.0.0.1", 1001), ("b", "127.0.0.1", 1002),
-                      ("c", "127.0.0.1", 1003)], random.Random(0))
+    return PeerTable(
+        [("a", "127.0.0.1", 1001), ("b", "127.0.0.1", 1002), ("c", "127.0.0.1", 1003)],
+        random.Random(0),
+    )
 
 
 def test_scores_move_as_documented() -> None:

@@ -68,7 +68,9 @@ def test_readers_never_see_a_torn_snapshot() -> None:
                     torn.append((lo, hi))
                 reads[0] += 1
 
-    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader) for _ in range(2)
+    ]
     for t in threads:
         t.start()
     threading.Event().wait(1.0)

@@ -22,8 +22,20 @@ from dpwa_core.wire import (
     send_all,
 )
 
-FIELDS = dict(magic=b"DPWA", version=1, type=2, flags=0, dtype=1, r8=0, r16=0,
-              clock=5.0, loss=0.25, size=10, hash=0xABCDEF, length=40)
+FIELDS = dict(
+    magic=b"DPWA",
+    version=1,
+    type=2,
+    flags=0,
+    dtype=1,
+    r8=0,
+    r16=0,
+    clock=5.0,
+    loss=0.25,
+    size=10,
+    hash=0xABCDEF,
+    length=40,
+)
 
 
 def pack(**overrides: object) -> bytes:
@@ -41,12 +53,18 @@ def test_header_is_52_bytes_little_endian() -> None:
 
 
 def test_round_trip() -> None:
-    data = encode_header(MessageType.PARAMS, clock=12.5, loss=0.125, size=3, shape_hash=2**64 - 1,
-                         length=12)
+    data = encode_header(
+        MessageType.PARAMS, clock=12.5, loss=0.125, size=3, shape_hash=2**64 - 1, length=12
+    )
     header = decode_header(data)
     assert header.type is MessageType.PARAMS
     assert (header.clock, header.loss, header.size, header.shape_hash, header.length) == (
-        12.5, 0.125, 3, 2**64 - 1, 12)
+        12.5,
+        0.125,
+        3,
+        2**64 - 1,
+        12,
+    )
 
 
 @pytest.mark.parametrize(

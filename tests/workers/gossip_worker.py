@@ -30,7 +30,12 @@ def wait_for(path: Path, seconds: float = 120.0) -> None:
 
 
 def main() -> None:
-    config, workdir, kind, min_rounds = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    config, workdir, kind, min_rounds = (
+        sys.argv[1],
+        Path(sys.argv[2]),
+        sys.argv[3],
+        int(sys.argv[4]),
+    )
     name = os.environ["DPWA_NODE"]
     index = int(name.lstrip("w"))
     if kind == "torch":
@@ -38,7 +43,10 @@ def main() -> None:
 
         torch.manual_seed(index)
         model = torch.nn.Sequential(
-            torch.nn.Linear(20, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+            torch.nn.Linear(20, 32),
+            torch.nn.BatchNorm1d(32),
+            torch.nn.ReLU(),
+            torch.nn.Linear(32, 4),
         )
         gossip = dpwa_core.connect(model, config, seed=index)
         node = gossip.node

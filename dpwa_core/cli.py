@@ -1,0 +1,153 @@
+"""The ``dpwa`` command line: list the installed strategies and check config files.
+
+Example:
+    $ dpwa plugins
+    $ dpwa check cluster.yaml --name w1
+    $ dpwa --version
+
+To add a subcommand, write ``_add_NAME(subparsers)`` that adds a parser and sets its
+``handler`` (``args -> exit code``), and list it in ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dpwa_core.config import NODE_ENV, load_config
+from dpwa_core.errors import DpwaError
+from dpwa_core.registry import strategies, strategy_info
+
+__all__ = ["build_parser", "main"]
+
+_Subparsers = Any  # argparse's private _SubParsersAction; its type is not public
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``dpwa`` command.
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 on success, 1 when the command found an error, 2 on a usage error.
+
+    Example:
+        >>> main(["check", "cluster.yaml", "--name", "w1"])  # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors: return, don't exit
+        return exc.code if isinstance(exc.code, int) else 1
+    handler: Callable[[argparse.Namespace], int] | None = args.handler
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except DpwaError as exc:
+        # Our errors already say what, where and how to fix: no traceback.
+        print(f"dpwa: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``dpwa`` argument parser with every subcommand added.
+
+    Returns:
+        The parser; each subcommand sets ``handler`` on the parsed namespace.
+    """
+    parser = argparse.ArgumentParser(
+        prog="dpwa", description="Distributed pair-wise averaging: tools for a dpwa cluster."
+    )
+    parser.add_argument("--version", action="version", version=f"dpwa {_version('dpwa')}")
+    parser.set_defaults(handler=None)
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add_command in _COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_plugins(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plugins",
+        help="list the installed interpolation strategies",
+        description="List every interpolation strategy and the package it comes from.",
+    )
+    parser.set_defaults(handler=_plugins)
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    rows = [("NAME", "SOURCE", "DESCRIPTION")]
+    rows += [(info.name, info.source, info.description) for info in strategies().values()]
+    print(_table(rows))
+    return 0
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    """Align columns two spaces apart; the last column is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)] + [
+            row[-1]
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _add_check(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="check a config file and summarize it",
+        description="Load a config file, check every key, and print a summary.",
+    )
+    parser.add_argument("config", metavar="CONFIG", help="path to the YAML config file")
+    parser.add_argument(
+        "--name",
+        metavar="NODE",
+        help=f"also check this node's name (default: ${NODE_ENV}, when set)",
+    )
+    parser.set_defaults(handler=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    section = config.methods.get(config.interpolation, {})
+    options = ", ".join(f"{key}={value!r}" for key, value in section.items()) or "no options"
+    threshold = config.divergence_threshold
+    rows = [
+        ("nodes", ", ".join(f"{n.name} {n.host}:{n.port}" for n in config.nodes)),
+        ("interpolation", f"{config.interpolation} ({options})"),
+        ("  from", strategy_info(config.interpolation).source),
+        ("pull_probability", f"{config.pull_probability:g}"),
+        ("timeout_ms", f"{config.timeout_ms:g}"),
+        ("divergence_threshold", f"{threshold:g}" + (" (disabled)" if threshold == 0 else "")),
+    ]
+    if args.name is not None or os.environ.get(NODE_ENV):
+        name = config.resolve_name(args.name)
+        peers = ", ".join(peer.name for peer in config.peers_of(name)) or "none"
+        rows.append(("this node", f"{name}, peers: {peers}"))
+    print(f"{config.source}: OK ({len(config.nodes)} nodes)")
+    print(_table([(f"  {key}", value) for key, value in rows]))
+    return 0
+
+
+_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_plugins, _add_check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

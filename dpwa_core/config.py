@@ -1,0 +1,455 @@
+"""Read and check a cluster configuration: its nodes, its pull policy and its interpolation.
+
+A config is a YAML mapping::
+
+    nodes:
+      - {name: w1, host: localhost, port: 45000}
+      - {name: w2, host: localhost, port: 45001}
+    pull_probability: 1.0      # chance of pulling from a peer after each step
+    timeout_ms: 2500           # socket timeout; also drives flow control
+    interpolation: constant    # an installed strategy: see `dpwa plugins`
+    divergence_threshold: 0    # 0 disables
+    constant: {value: 0.5}     # options of a strategy, one section per strategy name
+
+The original dpwa layout (a list of one-key mappings, ``fetch_probability`` for
+``pull_probability``, ``clock: 0`` for a section without options) loads unchanged and means
+the same. Everything is checked when the config is loaded, so a bad file fails at start-up
+with a message that names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from dpwa_core import registry
+from dpwa_core.errors import ConfigError, PluginError
+from dpwa_core.hookspec import Strategy
+
+__all__ = ["NODE_ENV", "Config", "NodeSpec", "load_config"]
+
+NODE_ENV = "DPWA_NODE"
+"""Environment variable naming this process's node when no name is passed."""
+
+_TOP_LEVEL = ("nodes", "pull_probability", "timeout_ms", "interpolation", "divergence_threshold")
+_ALIASES = {"fetch_probability": "pull_probability"}  # the seed's names for today's keys
+_NODE_KEYS = ("name", "host", "port")
+_NODE_EXAMPLE = "{name: w1, host: localhost, port: 45000}"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of the cluster: its name and the address its server listens on.
+
+    Args:
+        name: the node's unique name, e.g. ``"w1"``.
+        host: host name or IP address the node listens on.
+        port: TCP port, 1 to 65535.
+    """
+
+    name: str
+    host: str
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)``, as socket functions take it."""
+        return self.host, self.port
+
+
+@dataclass(frozen=True)
+class Config:
+    """A checked cluster configuration; build it with :func:`load_config`.
+
+    Constructing one directly checks it the same way, so a ``Config`` is always valid.
+
+    Args:
+        nodes: every node of the cluster, this one included.
+        pull_probability: chance, in ``[0, 1]``, of pulling from a peer after a step.
+        timeout_ms: socket timeout in milliseconds, > 0.
+        interpolation: name of an installed strategy (see ``dpwa plugins``).
+        divergence_threshold: loss at which models diverge on purpose; 0 disables.
+        methods: options per strategy name, e.g. ``{"constant": {"value": 0.5}}``.
+        source: where the config came from, for error messages; not compared.
+
+    Raises:
+        ConfigError: a value is invalid; the message names the source, the key and the fix.
+    """
+
+    nodes: tuple[NodeSpec, ...]
+    pull_probability: float = 1.0
+    timeout_ms: float = 2500.0
+    interpolation: str = "constant"
+    divergence_threshold: float = 0.0
+    # Not hashed: sections may hold lists. Equal configs still hash equal without them.
+    methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
+    source: str = field(default="<mapping>", compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # the dataclass is frozen; normalize in place once
+        set_(self, "nodes", self._checked_nodes())
+        set_(self, "pull_probability", self._number("pull_probability", lambda v: 0 <= v <= 1))
+        set_(self, "timeout_ms", self._number("timeout_ms", lambda v: v > 0))
+        set_(self, "divergence_threshold", self._number("divergence_threshold", lambda v: v >= 0))
+        set_(self, "methods", self._checked_methods())
+        if not isinstance(self.interpolation, str):
+            raise self._error(
+                "interpolation",
+                f"must be a strategy name such as 'constant', got {self.interpolation!r}",
+            )
+        # Build every strategy once now, so bad options fail at load and not at the first pull.
+        for name in self.methods:
+            self._build(name)
+        if self.interpolation not in self.methods:
+            self.make_strategy()
+
+    @property
+    def timeout(self) -> float:
+        """The socket timeout in seconds."""
+        return self.timeout_ms / 1000.0
+
+    def node(self, name: str) -> NodeSpec:
+        """Return the node called ``name``.
+
+        Args:
+            name: a node name, e.g. ``"w1"``.
+
+        Returns:
+            Its :class:`NodeSpec`.
+
+        Raises:
+            ConfigError: no node has that name; the message lists the names there are.
+        """
+        for spec in self.nodes:
+            if spec.name == name:
+                return spec
+        raise ConfigError(
+            f"{self.source}: there is no node named {name!r}. "
+            f"Known nodes: {self._names()}. Use one of them, or add the node to 'nodes'."
+        )
+
+    def resolve_name(self, name: str | None) -> str:
+        """Return this process's node name: ``name`` if given, else ``$DPWA_NODE``.
+
+        Args:
+            name: the node name, or ``None`` to read the ``DPWA_NODE`` environment variable.
+
+        Returns:
+            The name, checked to be one of the config's nodes.
+
+        Raises:
+            ConfigError: neither is set, or the name is not in the config.
+
+        Example:
+            >>> config.resolve_name("w1")  # doctest: +SKIP
+            'w1'
+        """
+        if name is None:
+            name = os.environ.get(NODE_ENV) or None
+        if name is None:
+            raise ConfigError(
+                f"{self.source}: which node is this process? Pass name= (one of "
+                f"{self._names()}) or set the {NODE_ENV} environment variable."
+            )
+        return self.node(name).name
+
+    def peers_of(self, name: str) -> tuple[NodeSpec, ...]:
+        """Return every node except ``name``, in config order.
+
+        Args:
+            name: this process's node name.
+
+        Returns:
+            The other nodes: the peers this node pulls from.
+
+        Raises:
+            ConfigError: ``name`` is not a node of this config.
+        """
+        self.node(name)
+        return tuple(spec for spec in self.nodes if spec.name != name)
+
+    def make_strategy(self) -> Strategy:
+        """Build the configured interpolation strategy from its section's options.
+
+        Returns:
+            A checked strategy: ``strategy(clock, peer_clock, loss, peer_loss) -> float``.
+
+        Raises:
+            ConfigError: the strategy is not installed or rejects its options.
+        """
+        self._lookup("interpolation", self.interpolation)
+        return self._build(self.interpolation)
+
+    def with_nodes(self, nodes: Iterable[NodeSpec]) -> Config:
+        """Return a copy of this config with another node list, checked like the original.
+
+        Args:
+            nodes: the new node list.
+
+        Returns:
+            A new :class:`Config`; this one is unchanged.
+
+        Raises:
+            ConfigError: the new node list is invalid.
+        """
+        return dataclasses.replace(self, nodes=tuple(nodes))
+
+    # Checks. Each raises a ConfigError that names the source, the key and the fix.
+
+    def _error(self, key: str, problem: str) -> ConfigError:
+        end = "" if problem.endswith((".", "?")) else "."
+        return ConfigError(f"{self.source}: key {key!r} {problem}{end}")
+
+    def _names(self) -> str:
+        return ", ".join(spec.name for spec in self.nodes)
+
+    def _number(self, key: str, in_range: Callable[[float], bool]) -> float:
+        value = getattr(self, key)
+        rule = {
+            "pull_probability": "a probability between 0 and 1, e.g. 1.0",
+            "timeout_ms": "a number of milliseconds greater than 0, e.g. 2500",
+            "divergence_threshold": "a loss value >= 0 (0 disables), e.g. 0.2",
+        }[key]
+        # bool is an int to Python, but `timeout_ms: true` is a mistake, not 1 ms.
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (is_number and math.isfinite(value) and in_range(value)):
+            raise self._error(key, f"must be {rule}; got {value!r}")
+        return float(value)
+
+    def _checked_nodes(self) -> tuple[NodeSpec, ...]:
+        nodes = tuple(self.nodes) if isinstance(self.nodes, (list, tuple)) else None
+        if not nodes:
+            raise self._error("nodes", f"must be a non-empty list of nodes such as {_NODE_EXAMPLE}")
+        seen_names: dict[str, int] = {}
+        seen_addresses: dict[tuple[str, int], int] = {}
+        for index, spec in enumerate(nodes):
+            where = f"nodes[{index}]"
+            if not isinstance(spec, NodeSpec):
+                raise self._error(where, f"must be a NodeSpec, got {spec!r}")
+            for attr in ("name", "host"):
+                value = getattr(spec, attr)
+                if not isinstance(value, str) or not value.strip():
+                    raise self._error(
+                        f"{where}.{attr}", f"must be a non-empty string, got {value!r}"
+                    )
+            port = spec.port
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise self._error(f"{where}.port", f"must be an integer 1..65535, got {port!r}")
+            if spec.name in seen_names:
+                raise self._error(
+                    f"{where}.name",
+                    f"repeats the name {spec.name!r} of nodes[{seen_names[spec.name]}]; "
+                    "give every node its own name",
+                )
+            address = (spec.host.lower(), port)
+            if address in seen_addresses:
+                raise self._error(
+                    f"{where}.port",
+                    f"repeats the address {spec.host}:{port} of "
+                    f"nodes[{seen_addresses[address]}]; give every node its own host:port",
+                )
+            seen_names[spec.name] = index
+            seen_addresses[address] = index
+        return nodes
+
+    def _checked_methods(self) -> Mapping[str, Mapping[str, Any]]:
+        if not isinstance(self.methods, Mapping):
+            raise self._error("methods", f"must map strategy names to options: {self.methods!r}")
+        frozen: dict[str, Mapping[str, Any]] = {}
+        for name, section in self.methods.items():
+            if not isinstance(name, str):
+                raise self._error(str(name), "is not a strategy name")
+            self._lookup(name, name)
+            if not isinstance(section, Mapping) or not all(isinstance(k, str) for k in section):
+                raise self._error(name, f"must be a mapping of option names to values: {section!r}")
+            frozen[name] = MappingProxyType(dict(section))
+        return MappingProxyType(frozen)
+
+    def _lookup(self, key: str, name: str) -> None:
+        try:
+            registry.strategy_info(name)
+        except PluginError as exc:
+            raise self._error(key, f"is invalid: {exc}") from exc
+
+    def _build(self, name: str) -> Strategy:
+        try:
+            return registry.make_strategy(name, self.methods.get(name, {}))
+        except ConfigError as exc:
+            raise self._error(name, f"has invalid options: {exc} Fix the {name!r} section") from exc
+
+
+def load_config(path_or_mapping: str | os.PathLike[str] | Mapping[str, Any] | Config) -> Config:
+    """Load and check a config from a YAML file, a mapping, or return a Config as is.
+
+    Args:
+        path_or_mapping: a path to a YAML file, an already parsed mapping (or the original
+            list layout), or a :class:`Config`.
+
+    Returns:
+        The checked :class:`Config`.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or any key or value is invalid; the
+            message names the file, the key and the fix.
+        PluginError: an installed interpolation plugin is broken.
+
+    Example:
+        >>> config = load_config("cluster.yaml")  # doctest: +SKIP
+        >>> config.make_strategy()(clock=0, peer_clock=0, loss=1.0, peer_loss=1.0)  # doctest: +SKIP
+        0.5
+    """
+    if isinstance(path_or_mapping, Config):
+        return path_or_mapping
+    if isinstance(path_or_mapping, (str, os.PathLike)):
+        source = os.fspath(path_or_mapping)
+        return _from_document(_read_yaml(source), source)
+    if isinstance(path_or_mapping, (Mapping, list)):
+        return _from_document(path_or_mapping, "<mapping>")
+    raise TypeError(
+        f"load_config takes a path, a mapping or a Config, not {type(path_or_mapping).__name__}"
+    )
+
+
+def _read_yaml(source: str) -> Any:
+    try:
+        with open(source, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"Config file {source!r} not found (working directory: {os.getcwd()}). Check the path."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read config file {source!r}: {exc}.") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source} is not valid YAML{where}: {problem}. Fix the syntax.") from exc
+
+
+def _from_document(document: Any, source: str) -> Config:
+    """Turn a parsed YAML document into a Config: check its shape, keys and sections."""
+    if isinstance(document, list):
+        raw = _merge_list_layout(document, source)
+    elif isinstance(document, Mapping):
+        raw = dict(document)
+    else:
+        got = "nothing" if document is None else f"{type(document).__name__} {document!r}"
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of keys ({', '.join(_TOP_LEVEL)}, ...) "
+            f"or the original list of one-key mappings; got {got}."
+        )
+    for old, new in _ALIASES.items():
+        if old in raw:
+            if new in raw:
+                raise ConfigError(
+                    f"{source}: keys {old!r} and {new!r} are both given; {old!r} is the old "
+                    f"name of {new!r}. Keep one."
+                )
+            raw[new] = raw.pop(old)
+
+    installed = registry.strategies()
+    # An uninstalled plugin is the likelier mistake than a stray section, so say so first.
+    interpolation = raw.get("interpolation")
+    if isinstance(interpolation, str) and interpolation not in installed:
+        try:
+            registry.strategy_info(interpolation)
+        except PluginError as exc:
+            raise ConfigError(f"{source}: key 'interpolation' is invalid: {exc}") from exc
+    _reject_unknown_keys(raw, installed, source)
+
+    if "nodes" not in raw:
+        raise ConfigError(
+            f"{source}: key 'nodes' is missing. List the cluster's nodes, e.g. "
+            f"nodes: [{_NODE_EXAMPLE}]."
+        )
+    settings = {key: raw[key] for key in _TOP_LEVEL[1:] if key in raw}
+    methods = {name: _section(raw[name], name, source) for name in installed if name in raw}
+    nodes = _nodes(raw["nodes"], source)
+    return Config(nodes=nodes, methods=methods, source=source, **settings)
+
+
+def _merge_list_layout(document: list[Any], source: str) -> dict[Any, Any]:
+    """Merge the original layout, a list of one-key mappings, into one mapping."""
+    merged: dict[Any, Any] = {}
+    for number, item in enumerate(document, start=1):
+        if not isinstance(item, Mapping):
+            raise ConfigError(
+                f"{source}: item {number} of the top-level list is {item!r}; in the list layout "
+                "every item is a one-key mapping such as '- timeout_ms: 2500'."
+            )
+        for key, value in item.items():
+            if key in merged:
+                raise ConfigError(f"{source}: key {key!r} is given twice. Keep one.")
+            merged[key] = value
+    return merged
+
+
+def _reject_unknown_keys(raw: Mapping[Any, Any], installed: Iterable[str], source: str) -> None:
+    names = sorted(installed)
+    valid = [*_TOP_LEVEL, *names]
+    unknown = [key for key in raw if key not in valid]
+    if not unknown:
+        return
+    hints = ""
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), valid, n=1)
+        if close:
+            hints += f" Did you mean {close[0]!r}" + (f" for {key!r}?" if unknown[1:] else "?")
+    raise ConfigError(
+        f"{source}: unknown key{'s' if len(unknown) > 1 else ''} "
+        f"{', '.join(repr(k) for k in unknown)}.{hints} Valid keys: "
+        f"{', '.join(_TOP_LEVEL)}, and a section per installed interpolation: "
+        f"{', '.join(names)}. A section for an interpolation that is not installed is an error "
+        "too: install its plugin or remove the section."
+    )
+
+
+def _section(value: Any, name: str, source: str) -> Mapping[str, Any]:
+    """A strategy's options; the original layout writes ``clock: 0`` for "no options"."""
+    if value is None or (type(value) is int and value == 0):
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{source}: key {name!r} must be a mapping of options (e.g. "
+            f"constant: {{value: 0.5}}), or 0 for none; got {value!r}."
+        )
+    return value
+
+
+def _nodes(value: Any, source: str) -> tuple[NodeSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            f"{source}: key 'nodes' must be a non-empty list of nodes such as "
+            f"{_NODE_EXAMPLE}; got {value!r}."
+        )
+    nodes = []
+    for index, entry in enumerate(value):
+        where = f"nodes[{index}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(
+                f"{source}: key {where!r} must be a mapping such as {_NODE_EXAMPLE}; got {entry!r}."
+            )
+        missing = [key for key in _NODE_KEYS if key not in entry]
+        extra = [key for key in entry if key not in _NODE_KEYS]
+        if missing or extra:
+            problems = [f"misses {', '.join(map(repr, missing))}"] if missing else []
+            problems += [f"has unknown {', '.join(map(repr, extra))}"] if extra else []
+            raise ConfigError(
+                f"{source}: key {where!r} {' and '.join(problems)}; a node has exactly "
+                f"name, host and port, e.g. {_NODE_EXAMPLE}."
+            )
+        nodes.append(NodeSpec(name=entry["name"], host=entry["host"], port=entry["port"]))
+    return tuple(nodes)
