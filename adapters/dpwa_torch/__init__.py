@@ -1,0 +1,166 @@
+"""The PyTorch adapter: a ``torch.nn.Module`` to dpwa's flat float32 buffer and back.
+
+Importing this package imports torch; ``dpwa_core`` loads it only when asked for ``"torch"``
+(or its aliases ``"pytorch"``, ``"pt"``) or when torch is already imported and a module is
+passed to detection.
+
+What goes into the buffer: every floating-point parameter and persistent buffer, in
+``model.state_dict()`` order, each tensor once (see :mod:`dpwa_torch._plan`). Tensors of any
+floating dtype and on any device are converted to float32 on the CPU on the way out and back to
+their own dtype and device on the way in.
+
+Example:
+    >>> import torch
+    >>> from dpwa_core.adapters import get_adapter
+    >>> model = torch.nn.Linear(3, 2)
+    >>> adapter = get_adapter("torch")
+    >>> flat = adapter.to_flat(model)
+    >>> flat.shape, adapter.layout(model).shapes
+    ((8,), ((2, 3), (2,)))
+    >>> adapter.from_flat(model, flat * 0) is model
+    True
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch.utils.dlpack import from_dlpack
+
+from dpwa_core.adapters import Adapter, FlatArray, StateT, validate_factor, validate_flat
+from dpwa_core.layout import Layout
+from dpwa_torch._plan import is_tensor_dict, plan_for
+
+__all__ = ["TorchAdapter"]
+
+
+class TorchAdapter(Adapter):
+    """Maps a ``torch.nn.Module``, or a dict of its tensors, to a flat float32 buffer and back.
+
+    Writes go straight into the model's own tensors under ``torch.no_grad()``; the list of
+    tensors is cached per module and rebuilt when the module's parameters or buffers are
+    replaced.
+
+    Example:
+        >>> adapter = TorchAdapter()
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        >>> list(adapter.layout(model).shapes)
+        [(4, 4), (4,), (4,), (4,), (4,), (4,)]
+    """
+
+    framework_name: ClassVar[str] = "torch"
+    install_hint: ClassVar[str] = "pip install 'dpwa[torch]'"
+
+    def handles(self, state: object) -> bool:
+        """Tell whether ``state`` is a ``torch.nn.Module`` or a non-empty dict of tensors.
+
+        Args:
+            state: any object.
+
+        Returns:
+            True for modules and ``state_dict``-like mappings of names to tensors.
+        """
+        return isinstance(state, torch.nn.Module) or is_tensor_dict(state)
+
+    def layout(self, state: object) -> Layout:
+        """Return the shapes of the floating-point tensors of ``state``, in buffer order.
+
+        Args:
+            state: a module or a dict of tensors.
+
+        Returns:
+            The layout, with torch's native shapes (a Linear weight is ``(out, in)``).
+
+        Raises:
+            AdapterError: ``state`` is not handled, or holds meta or sparse tensors.
+        """
+        return plan_for(state).layout
+
+    def to_flat(self, state: object, out: FlatArray | None = None) -> FlatArray:
+        """Copy the model's floating-point tensors into one float32 vector.
+
+        Args:
+            state: a module or a dict of tensors.
+            out: optional writable, C-contiguous float32 array of ``layout(state).size``
+                elements to fill instead of allocating one.
+
+        Returns:
+            ``out`` when given, else a new array.
+
+        Raises:
+            AdapterError: ``out`` does not fit, or ``state`` is not handled.
+        """
+        plan = plan_for(state)
+        if out is None:
+            out = np.empty(plan.layout.size, dtype=np.float32)
+        else:
+            validate_flat(out, plan.layout, name="out", writable=True)
+        target = torch.from_numpy(out)
+        with torch.no_grad():
+            for tensor, start, stop, shape in plan.slices():
+                # One copy per tensor: copy_ converts the dtype and moves it off the GPU.
+                target[start:stop].view(shape).copy_(tensor)
+        return out
+
+    def from_flat(self, state: StateT, flat: FlatArray) -> StateT:
+        """Write a flat vector into the model's tensors, in place.
+
+        Args:
+            state: a module or a dict of tensors.
+            flat: 1-D float32 array of ``layout(state).size`` elements.
+
+        Returns:
+            ``state`` itself, updated.
+
+        Raises:
+            AdapterError: ``flat`` has the wrong type, dtype, shape or size; nothing is written.
+        """
+        plan = plan_for(state)
+        source = _as_tensor(validate_flat(flat, plan.layout))
+        with torch.no_grad():
+            for tensor, start, stop, shape in plan.slices():
+                tensor.copy_(source[start:stop].view(shape))
+        return state
+
+    def interpolate(self, state: StateT, peer: FlatArray, factor: float) -> StateT:
+        """Blend a peer's vector in place: each tensor ``t.lerp_(peer_slice, factor)``.
+
+        Args:
+            state: a module or a dict of tensors.
+            peer: the peer's 1-D float32 vector of ``layout(state).size`` elements.
+            factor: how much of the peer to take, in ``[0, 1]``.
+
+        Returns:
+            ``state`` itself, updated.
+
+        Raises:
+            AdapterError: ``peer`` or ``factor`` is invalid; nothing is written.
+        """
+        plan = plan_for(state)
+        source = _as_tensor(validate_flat(peer, plan.layout, name="peer"))
+        weight = validate_factor(factor)
+        with torch.no_grad():
+            for tensor, start, stop, shape in plan.slices():
+                end = source[start:stop].view(shape)
+                if end.dtype != tensor.dtype or end.device != tensor.device:
+                    end = end.to(device=tensor.device, dtype=tensor.dtype)
+                tensor.lerp_(end, weight)
+        return state
+
+
+def _as_tensor(flat: FlatArray) -> torch.Tensor:
+    """View a validated flat array as a CPU tensor, copying only when sharing is impossible."""
+    if not flat.flags.c_contiguous:
+        # Strided slices could not be viewed back into multi-dimensional shapes.
+        flat = np.ascontiguousarray(flat)
+    if flat.flags.writeable:
+        return torch.from_numpy(flat)
+    # Buffers received from the network are often read-only (np.frombuffer on bytes), and
+    # torch.from_numpy warns about those. DLPack shares read-only memory silently; older
+    # numpy/torch pairs cannot, and then a copy is the safe answer.
+    try:
+        return from_dlpack(flat)
+    except (BufferError, TypeError, RuntimeError, AttributeError):
+        return torch.from_numpy(flat.copy())

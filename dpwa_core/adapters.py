@@ -1,0 +1,534 @@
+"""Adapters map a framework's model to dpwa's flat float32 buffer and back.
+
+dpwa moves parameters as ONE flat float32 vector. An :class:`Adapter` is the small piece that
+knows one framework: which tensors go into that vector and in what order (its :class:`Layout`),
+how to copy them out (:meth:`Adapter.to_flat`), back in (:meth:`Adapter.from_flat`) and how to
+blend a peer's vector into the model (:meth:`Adapter.interpolate`).
+
+Adapters are found through the entry-point group ``dpwa.adapters``; dpwa's own PyTorch adapter
+is declared there like any third-party one. :func:`register_adapter` adds one from code.
+
+This module never imports a framework. :func:`detect_adapter` only tries adapters whose framework
+the caller has already imported, and :func:`get_adapter` loads exactly the adapter it is asked
+for.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib.metadata
+import math
+import numbers
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import ClassVar, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from dpwa_core.errors import AdapterError
+from dpwa_core.layout import Layout
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Adapter",
+    "FlatArray",
+    "StateT",
+    "available_adapters",
+    "detect_adapter",
+    "get_adapter",
+    "register_adapter",
+    "unregister_adapter",
+    "validate_factor",
+    "validate_flat",
+]
+
+ENTRY_POINT_GROUP = "dpwa.adapters"
+
+FlatArray = npt.NDArray[np.float32]
+"""A 1-D, float32 numpy array: the flat parameter buffer."""
+
+StateT = TypeVar("StateT")
+"""A model's state: what :meth:`Adapter.from_flat` and :meth:`Adapter.interpolate` return has
+the type they were given (the same object for PyTorch, a new one for immutable frameworks)."""
+
+_GENERIC_HINT = "install the package that provides it"
+
+# One lock guards the three caches below; adapters are looked up from training and gossip
+# threads alike, and "one instance per adapter class" must hold across them.
+_lock = threading.RLock()
+_registered: dict[str, Adapter | type[Adapter]] = {}
+_instances: dict[type[Adapter], Adapter] = {}
+_detected: dict[type[object], Adapter] = {}
+
+
+class Adapter(abc.ABC):
+    """Maps one framework's models to and from dpwa's flat float32 buffer.
+
+    A subclass sets :attr:`framework_name` to its framework's ``sys.modules`` key and
+    implements :meth:`handles`, :meth:`layout`, :meth:`to_flat` and :meth:`from_flat`;
+    :meth:`interpolate` has a generic default that a subclass may replace with an in-place one.
+    Every method that writes into a model validates its input first, so a rejected buffer
+    never leaves the model half-written.
+
+    Example:
+        >>> class ListAdapter(Adapter):
+        ...     framework_name = "builtins"
+        ...     def handles(self, state): return isinstance(state, list)
+        ...     def layout(self, state): return Layout.flat(len(state))
+        ...     def to_flat(self, state, out=None):
+        ...         if out is None:
+        ...             out = np.empty(len(state), dtype=np.float32)
+        ...         validate_flat(out, self.layout(state), name="out", writable=True)[:] = state
+        ...         return out
+        ...     def from_flat(self, state, flat):
+        ...         state[:] = validate_flat(flat, self.layout(state)).tolist()
+        ...         return state
+        >>> ListAdapter().interpolate([0.0, 4.0], np.array([2.0, 0.0], np.float32), 0.5)
+        [1.0, 2.0]
+    """
+
+    framework_name: ClassVar[str]
+    """The framework's ``sys.modules`` key, e.g. ``"torch"``: detection tries this adapter only
+    when that module is already imported."""
+
+    install_hint: ClassVar[str] = ""
+    """What to run when the framework is missing, e.g. ``"pip install 'dpwa[torch]'"``."""
+
+    @abc.abstractmethod
+    def handles(self, state: object) -> bool:
+        """Tell whether ``state`` is a model (or model state) of this adapter's framework.
+
+        Args:
+            state: any object; must not be modified.
+
+        Returns:
+            True when the other methods accept ``state``.
+        """
+
+    @abc.abstractmethod
+    def layout(self, state: object) -> Layout:
+        """Describe the tensors of ``state`` that go into the flat buffer, in buffer order.
+
+        Args:
+            state: a model this adapter handles.
+
+        Returns:
+            The :class:`Layout` with the framework's native tensor shapes.
+
+        Raises:
+            AdapterError: ``state`` is not something this adapter handles.
+        """
+
+    @abc.abstractmethod
+    def to_flat(self, state: object, out: FlatArray | None = None) -> FlatArray:
+        """Copy the model's tensors into one flat float32 vector.
+
+        Args:
+            state: a model this adapter handles.
+            out: optional 1-D, C-contiguous, writable float32 array of ``layout(state).size``
+                elements; when given, the values are written into it without a model-sized
+                temporary.
+
+        Returns:
+            ``out`` when given, else a new 1-D float32 C-contiguous array.
+
+        Raises:
+            AdapterError: ``out`` has the wrong size, dtype or shape, or ``state`` is not
+                handled.
+        """
+
+    @abc.abstractmethod
+    def from_flat(self, state: StateT, flat: FlatArray) -> StateT:
+        """Write a flat vector into the model.
+
+        Args:
+            state: a model this adapter handles.
+            flat: 1-D float32 array of ``layout(state).size`` elements.
+
+        Returns:
+            The updated state; the same object when the framework allows in-place updates.
+
+        Raises:
+            AdapterError: ``flat`` is invalid; the model is left untouched.
+        """
+
+    def interpolate(self, state: StateT, peer: FlatArray, factor: float) -> StateT:
+        """Blend a peer's vector into the model: ``state = (1 - factor) * state + factor * peer``.
+
+        This default goes through :meth:`to_flat` and :meth:`from_flat`; adapters of frameworks
+        with mutable tensors override it to work tensor by tensor, in place.
+
+        Args:
+            state: a model this adapter handles.
+            peer: the peer's flat vector, 1-D float32 of ``layout(state).size`` elements.
+            factor: how much of the peer to take, in ``[0, 1]``.
+
+        Returns:
+            The updated state (see :meth:`from_flat`).
+
+        Raises:
+            AdapterError: ``peer`` or ``factor`` is invalid; the model is left untouched.
+        """
+        validate_flat(peer, self.layout(state), name="peer")
+        weight = validate_factor(factor)
+        blended = self.to_flat(state)
+        # (1 - f) * a + f * b rather than a + f * (b - a): factor 1 then yields the peer exactly.
+        blended *= np.float32(1.0 - weight)
+        blended += np.float32(weight) * peer
+        return self.from_flat(state, blended)
+
+
+def validate_flat(
+    flat: object, layout: Layout, *, name: str = "flat", writable: bool = False
+) -> FlatArray:
+    """Check that ``flat`` is a 1-D float32 array that fits ``layout``.
+
+    Adapters call this before writing anything, so a bad buffer is rejected with the model intact.
+
+    Args:
+        flat: the candidate buffer.
+        layout: the layout the buffer must match.
+        name: what to call the buffer in error messages (``"flat"``, ``"peer"``, ``"out"``).
+        writable: also require a writable, C-contiguous array (for ``out=`` buffers).
+
+    Returns:
+        ``flat`` itself, typed as a float32 array.
+
+    Raises:
+        AdapterError: the type, dtype, number of dimensions or size is wrong, or ``writable``
+            is requested and the array is read-only or not contiguous.
+    """
+    if not isinstance(flat, np.ndarray):
+        raise AdapterError(
+            f"{name} must be a numpy float32 array, got {type(flat).__name__}; "
+            f"use np.asarray({name}, dtype=np.float32)"
+        )
+    if flat.dtype != np.float32:
+        raise AdapterError(
+            f"{name} must have dtype float32, got {flat.dtype}; "
+            f"convert it with {name}.astype(np.float32)"
+        )
+    if flat.ndim != 1:
+        raise AdapterError(
+            f"{name} must be 1-D, got shape {flat.shape}; flatten it with {name}.ravel()"
+        )
+    if flat.size != layout.size:
+        raise AdapterError(
+            f"{name} has {flat.size} elements but the model has {layout.size} "
+            f"({layout.describe()}); both sides must use the same model architecture"
+        )
+    if writable and not (flat.flags.writeable and flat.flags.c_contiguous):
+        raise AdapterError(
+            f"{name} must be a writable, C-contiguous array; "
+            f"allocate it with np.empty({layout.size}, dtype=np.float32)"
+        )
+    return flat
+
+
+def validate_factor(factor: float) -> float:
+    """Check an interpolation factor and return it as a float.
+
+    Args:
+        factor: how much of the peer to take.
+
+    Returns:
+        ``factor`` as a Python float.
+
+    Raises:
+        AdapterError: ``factor`` is not a real number, is NaN or infinite, or lies outside
+            ``[0, 1]``.
+    """
+    # bool is an int, and a str would convert, but neither is a factor anyone meant to pass.
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+        raise AdapterError(f"interpolation factor must be a number in [0, 1], got {factor!r}")
+    weight = float(factor)
+    if not math.isfinite(weight) or not 0.0 <= weight <= 1.0:
+        raise AdapterError(f"interpolation factor must be a number in [0, 1], got {factor!r}")
+    return weight
+
+
+def get_adapter(framework: str) -> Adapter:
+    """Return the adapter registered under ``framework``, loading it if needed.
+
+    Names are case-insensitive. Names added with :func:`register_adapter` take precedence over
+    entry points of the same name. Each adapter class is instantiated once and shared.
+
+    Args:
+        framework: an adapter name, e.g. ``"torch"``, ``"pytorch"`` or ``"pt"``.
+
+    Returns:
+        The adapter instance.
+
+    Raises:
+        AdapterError: no adapter has that name, its framework is not installed (the message
+            says what to install), or its entry point does not load an :class:`Adapter`.
+
+    Example:
+        >>> adapter = get_adapter("torch")            # doctest: +SKIP
+        >>> flat = adapter.to_flat(model)             # doctest: +SKIP
+    """
+    if not isinstance(framework, str):
+        raise AdapterError(f"framework must be an adapter name (str), got {framework!r}")
+    key = framework.strip().lower()
+    with _lock:
+        registered = _registered.get(key)
+    if registered is not None:
+        return _instantiate(registered, source=f"adapter {key!r}")
+    entry_point = _entry_points().get(key)
+    if entry_point is None:
+        installed = ", ".join(available_adapters()) or "none"
+        raise AdapterError(
+            f"Adapter {framework!r} not found. It is either misspelled or not installed. "
+            f"Installed: {installed}"
+        )
+    return _load(entry_point)
+
+
+def detect_adapter(state: object) -> Adapter:
+    """Find the adapter that handles ``state`` among frameworks that are already imported.
+
+    An adapter is tried only when one of its names (or, for registered adapters, its
+    ``framework_name``) is a module in ``sys.modules``, so detection never imports a framework:
+    whoever built ``state`` has imported its framework already. The answer is cached per
+    ``type(state)``.
+
+    Args:
+        state: a model, e.g. a ``torch.nn.Module``.
+
+    Returns:
+        The first adapter whose :meth:`Adapter.handles` accepts ``state``.
+
+    Raises:
+        AdapterError: no imported adapter handles ``state``; the message lists what was tried
+            and what was skipped, and suggests passing ``framework="..."``.
+
+    Example:
+        >>> import torch                              # doctest: +SKIP
+        >>> detect_adapter(torch.nn.Linear(2, 2))     # doctest: +SKIP
+        <dpwa_torch.TorchAdapter object at ...>
+    """
+    kind = type(state)
+    with _lock:
+        cached = _detected.get(kind)
+    # handles() is re-asked because some adapters accept only some instances of a type
+    # (a dict of tensors, but not any dict).
+    if cached is not None and cached.handles(state):
+        return cached
+
+    tried: list[str] = []
+    failed: list[str] = []
+    skipped: list[str] = []
+    seen: set[int] = set()
+    for label, framework_names, load in _candidates():
+        if not any(name in sys.modules for name in framework_names):
+            skipped.append(label)
+            continue
+        try:
+            adapter = load()
+        except AdapterError as exc:
+            failed.append(f"{label}: {exc}")
+            continue
+        if id(adapter) in seen:
+            continue
+        seen.add(id(adapter))
+        tried.append(label)
+        if adapter.handles(state):
+            with _lock:
+                _detected[kind] = adapter
+            return adapter
+
+    message = (
+        f"No adapter handles an object of type '{kind.__module__}.{kind.__qualname__}'. "
+        f"Tried: {', '.join(tried) or 'none'}."
+    )
+    if failed:
+        message += f" Failed to load: {'; '.join(failed)}."
+    if skipped:
+        message += f" Not tried because their framework is not imported: {', '.join(skipped)}."
+    installed = ", ".join(available_adapters()) or "none"
+    message += (
+        f' Pass framework="..." to choose an adapter explicitly (installed: {installed}), '
+        "or import your framework before connecting."
+    )
+    raise AdapterError(message)
+
+
+def register_adapter(name: str, adapter: Adapter | type[Adapter]) -> None:
+    """Make an adapter available under ``name`` without an entry point.
+
+    Replaces any adapter registered under the same name and shadows an entry point of that
+    name. Detection tries registered adapters before entry points.
+
+    Args:
+        name: case-insensitive name for :func:`get_adapter`, e.g. ``"mxnet"``.
+        adapter: an :class:`Adapter` subclass (instantiated once, on first use) or instance.
+
+    Raises:
+        AdapterError: ``name`` is empty, or ``adapter`` is not an Adapter subclass or
+            instance, or it does not set ``framework_name``.
+
+    Example:
+        >>> register_adapter("mylist", ListAdapter)   # doctest: +SKIP
+        >>> get_adapter("MyList")                     # doctest: +SKIP
+    """
+    key = name.strip().lower() if isinstance(name, str) else ""
+    if not key:
+        raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
+    is_class = isinstance(adapter, type) and issubclass(adapter, Adapter)
+    if not (is_class or isinstance(adapter, Adapter)):
+        raise AdapterError(
+            f"register_adapter({name!r}, ...) needs an Adapter subclass or instance, "
+            f"got {adapter!r}"
+        )
+    if not isinstance(getattr(adapter, "framework_name", None), str):
+        raise AdapterError(
+            f"adapter {adapter!r} must set the class attribute framework_name "
+            "(its framework's sys.modules key)"
+        )
+    with _lock:
+        _registered[key] = adapter
+        _detected.clear()
+
+
+def unregister_adapter(name: str) -> None:
+    """Remove an adapter added with :func:`register_adapter`.
+
+    Args:
+        name: the name it was registered under (case-insensitive).
+
+    Raises:
+        AdapterError: nothing is registered under ``name`` (entry points cannot be removed).
+    """
+    key = name.strip().lower()
+    with _lock:
+        if key not in _registered:
+            known = ", ".join(sorted(_registered)) or "none"
+            raise AdapterError(f"No adapter was registered under {name!r}. Registered: {known}")
+        del _registered[key]
+        _detected.clear()
+
+
+def available_adapters() -> dict[str, str]:
+    """List adapter names and where each comes from, without loading any of them.
+
+    Returns:
+        ``{name: source}`` sorted by name; ``source`` is the entry point value (e.g.
+        ``"dpwa_torch:TorchAdapter"``) or ``"module:Class (registered)"``.
+    """
+    found = {name: entry_point.value for name, entry_point in _entry_points().items()}
+    with _lock:
+        for name, adapter in _registered.items():
+            found[name] = f"{_qualified_name(adapter)} (registered)"
+    return dict(sorted(found.items()))
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    """The adapter entry points by lower-cased name (the first one wins on a clash)."""
+    found: dict[str, importlib.metadata.EntryPoint] = {}
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(entry_point.name.lower(), entry_point)
+    return dict(sorted(found.items()))
+
+
+def _candidates() -> Iterator[tuple[str, tuple[str, ...], Callable[[], Adapter]]]:
+    """Yield ``(label, module names that must be imported, loader)`` for detection."""
+    with _lock:
+        registered = dict(sorted(_registered.items()))
+    for name, adapter in registered.items():
+        yield (
+            f"{name} (registered)",
+            (name, adapter.framework_name),
+            partial(_instantiate, adapter, source=f"adapter {name!r}"),
+        )
+    # Aliases (torch, pytorch, pt) point at one class: try it once, under all its names.
+    by_value: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    for name, entry_point in _entry_points().items():
+        if name not in registered:
+            by_value.setdefault(entry_point.value, []).append(entry_point)
+    for value, entry_points in by_value.items():
+        names = tuple(entry_point.name for entry_point in entry_points)
+        yield (
+            f"{'/'.join(names)} ({value})",
+            names,
+            partial(_load, entry_points[0]),
+        )
+
+
+def _load(entry_point: importlib.metadata.EntryPoint) -> Adapter:
+    """Load an entry point and return its (shared) adapter instance."""
+    source = f"entry point {entry_point.name!r} ({entry_point.value})"
+    try:
+        loaded = entry_point.load()
+    except ImportError as exc:
+        hint = _install_hint(entry_point, exc)
+        raise AdapterError(
+            f"Adapter {entry_point.name!r} ({entry_point.value}) cannot be loaded because "
+            f"{_missing(exc)}. To use it: {hint}"
+        ) from exc
+    except Exception as exc:
+        raise AdapterError(
+            f"Adapter {entry_point.name!r} ({entry_point.value}) failed to load: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return _instantiate(loaded, source=source, entry_point=entry_point)
+
+
+def _instantiate(
+    loaded: object,
+    *,
+    source: str,
+    entry_point: importlib.metadata.EntryPoint | None = None,
+) -> Adapter:
+    """Return ``loaded`` if it is an adapter instance, else the cached instance of its class."""
+    if isinstance(loaded, Adapter):
+        return loaded
+    if not (isinstance(loaded, type) and issubclass(loaded, Adapter)):
+        raise AdapterError(f"{source} is {loaded!r}, which is not an Adapter subclass")
+    with _lock:
+        instance = _instances.get(loaded)
+        if instance is None:
+            try:
+                instance = loaded()
+            except ImportError as exc:
+                # Adapters that import their framework lazily fail here, not at load time.
+                hint = loaded.install_hint or _install_hint(entry_point, exc)
+                raise AdapterError(
+                    f"{source} cannot be used because {_missing(exc)}. To use it: {hint}"
+                ) from exc
+            _instances[loaded] = instance
+    return instance
+
+
+def _missing(exc: ImportError) -> str:
+    if exc.name:
+        return f"the module {exc.name.partition('.')[0]!r} is not installed"
+    return f"an import failed ({exc})"
+
+
+def _install_hint(entry_point: importlib.metadata.EntryPoint | None, exc: ImportError) -> str:
+    """Suggest a pip command: the distribution's extra named after the missing module, if any."""
+    missing = (exc.name or "").partition(".")[0]
+    if not missing:
+        return _GENERIC_HINT
+    dist = entry_point.dist if entry_point is not None else None
+    if entry_point is not None and dist is not None:
+        if missing == entry_point.module.partition(".")[0]:
+            return f"reinstall {dist.name}, its adapter module {missing!r} is missing"
+        for extra in dist.metadata.get_all("Provides-Extra") or []:
+            if _normalize(extra) == _normalize(missing):
+                return f"pip install '{dist.name}[{extra}]'"
+    return f"pip install {missing}"
+
+
+def _normalize(name: str) -> str:
+    # PEP 503/685 name normalization, so the module "foo_bar" matches the extra "foo-bar".
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _qualified_name(adapter: Adapter | type[Adapter]) -> str:
+    cls = adapter if isinstance(adapter, type) else type(adapter)
+    return f"{cls.__module__}:{cls.__qualname__}"
