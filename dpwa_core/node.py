@@ -109,7 +109,11 @@ class Node:
         self._warned_loss = False
         self._server = Server(spec.host, spec.port, self.config.timeout)
         if layout is not None:
-            self._start(layout)
+            try:
+                self._start(layout)
+            except BaseException:
+                self._server.close()
+                raise
         _log.info("%s listening on %s:%d", self.name, *self.address)
 
     @property
@@ -281,7 +285,7 @@ class Node:
         pending = self._pending
         if pending is not None and not pending.done.is_set():
             return  # the previous pull is still running; update_wait collects it
-        if self._rng.random() < self.config.pull_probability:
+        if self._rng.random() < self.config.pull_probability and self._peers.names():
             deadline = time.monotonic() + self.config.timeout
             # The request's loss is informational; keep it finite so peers accept the request.
             request_loss = self.loss if math.isfinite(self.loss) else 0.0

@@ -8,6 +8,7 @@ first wins: a pull that finishes after its deadline is dropped, never delivered 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import queue
 import socket
@@ -87,6 +88,7 @@ class Puller:
         self._queue: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
         self._warn = OncePerPeer(_log)
         self.bytes_in = 0
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"dpwa-puller-{name}", daemon=True)
         self._thread.start()
 
@@ -95,12 +97,15 @@ class Puller:
         self._queue.put(ticket)
 
     def close(self, timeout: float = 1.0) -> None:
-        """Stop the thread (after the pull in flight, bounded by its deadline) and close sockets."""
+        """Stop the thread and close its sockets, cutting short a pull in flight."""
+        self._closing = True
         self._queue.put(None)
-        self._thread.join(timeout)
+        # Shutting the sockets down wakes a blocked send or receive at once; the thread then
+        # sees the sentinel and closes them itself.
         for conn, _ in list(self._conns.values()):
-            conn.close()
-        self._conns.clear()
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         while (ticket := self._queue.get()) is not None:
@@ -135,6 +140,9 @@ class Puller:
             ticket.resolve(Outcome.FAILED, peer.name)  # alive, just not started: no penalty
         except (ProtocolError, OSError) as exc:
             self._close(peer.name)
+            if self._closing:  # our own close() cut the pull short; the peer did nothing wrong
+                ticket.resolve(Outcome.FAILED, peer.name)
+                return
             self._peers.record_failure(peer.name)
             reason = type(exc).__name__ if isinstance(exc, OSError) else str(exc)
             self._warn.warning(

@@ -63,7 +63,8 @@ class Server:
         self.served = 0
         self.bytes_out = 0
         self.rejected = 0
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             listener.bind((host, port))
@@ -157,6 +158,8 @@ class Server:
             )
         except OSError as exc:
             _log.debug("connection from %s ended: %s", peer, exc)
+        except Exception:  # a bug must cost one connection, never the server
+            _log.exception("closed connection from %s after an unexpected error", peer)
         finally:
             with self._lock:
                 self._conns.discard(conn)

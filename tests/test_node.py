@@ -331,3 +331,30 @@ def test_server_request_header_roundtrip_over_a_raw_socket(two: tuple[Node, Node
     assert header.type is MessageType.PARAMS
     assert (header.clock, header.loss, header.length) == (4.0, 0.75, 24)
     np.testing.assert_array_equal(np.frombuffer(data[HEADER.size :], "<f4"), np.arange(6))
+
+
+def test_close_cuts_short_a_pull_in_flight(make_cluster: Cluster) -> None:
+    config = make_cluster(2, timeout_ms=5000)
+    port = config["nodes"][1]["port"]
+    silent = socket.create_server(("127.0.0.1", port))  # accepts, never answers
+    try:
+        a = Node(config, "w1")
+        a.update_send(np.zeros(100, np.float32), 1.0)  # starts a pull that would wait 5 s
+        time.sleep(0.2)
+        start = time.monotonic()
+        a.close()
+        assert time.monotonic() - start < 1.0
+        threads = [t for t in threading.enumerate() if t.name == "dpwa-puller-w1"]
+        assert not any(t.is_alive() for t in threads)
+        assert a.update_wait(1.0) is None
+    finally:
+        silent.close()
+
+
+def test_a_node_without_peers_never_pulls(make_cluster: Cluster) -> None:
+    with Node(make_cluster(1), "w1") as a:
+        a.update_send(np.ones(3, np.float32), 1.0)
+        assert a.update_wait(1.0) is None
+        stats = a.stats()
+        assert stats["pulls_failed"] == stats["pulls_timed_out"] == stats["pulls_ok"] == 0
+        assert a.peers() == []
