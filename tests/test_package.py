@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import free_ports
 
 import dpwa_core
-from conftest import free_ports
 
 FRAMEWORKS = ("torch", "tensorflow", "jax", "flax", "keras")
 
@@ -65,6 +65,13 @@ def test_every_public_name_is_documented(module_name: str) -> None:
 def test_public_api_is_exported() -> None:
     for name in dpwa_core.__all__:
         assert hasattr(dpwa_core, name), name
-    for name in ("Node", "PullResult", "connect", "load_config", "ConfigError", "hookimpl",
-                 "get_adapter"):
+    for name in (
+        "Node",
+        "PullResult",
+        "connect",
+        "load_config",
+        "ConfigError",
+        "hookimpl",
+        "get_adapter",
+    ):
         assert name in dpwa_core.__all__
