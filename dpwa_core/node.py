@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -205,6 +206,43 @@ class Node:
             KeyError: no peer has that name.
         """
         self._peers.remove(name)
+
+    def wait_for_peers(self, count: int | None = None, timeout: float = 60.0) -> int:
+        """Block until ``count`` peers accept a connection, or ``timeout`` seconds pass.
+
+        Gossip needs no barrier, but a short job whose processes start a few seconds apart can
+        finish before its peers are up; call this once before training to start together.
+
+        Args:
+            count: how many peers must be reachable; defaults to all of them.
+            timeout: seconds to keep trying.
+
+        Returns:
+            The number of peers that accepted a connection.
+        """
+        peers = {
+            name: peer.address
+            for name in self._peers.names()
+            if (peer := self._peers.get(name)) is not None
+        }
+        need = len(peers) if count is None else min(count, len(peers))
+        reachable: set[str] = set()
+        deadline = time.monotonic() + timeout
+        while len(reachable) < need and not self._closed:
+            for name, address in peers.items():
+                remaining = deadline - time.monotonic()
+                if name in reachable or remaining <= 0:
+                    continue
+                try:
+                    socket.create_connection(address, timeout=min(1.0, remaining)).close()
+                    reachable.add(name)
+                except OSError:
+                    pass  # not up yet
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        _log.info("%s: %d of %d peers reachable", self.name, len(reachable), len(peers))
+        return len(reachable)
 
     def peers(self) -> list[str]:
         """Names of the peers this node may pull from."""

@@ -37,6 +37,7 @@ def train(name: str) -> None:
     model = torch.nn.Linear(16, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     with dpwa_core.connect(model, CONFIG, name) as gossip:
+        gossip.node.wait_for_peers(timeout=30)  # start together: this job is only seconds long
         loss = float("nan")
         for step in range(1, STEPS + 1):
             batch = torch.randint(0, 1000, (32,))

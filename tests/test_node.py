@@ -358,3 +358,22 @@ def test_a_node_without_peers_never_pulls(make_cluster: Cluster) -> None:
         stats = a.stats()
         assert stats["pulls_failed"] == stats["pulls_timed_out"] == stats["pulls_ok"] == 0
         assert a.peers() == []
+
+
+def test_wait_for_peers_returns_when_peers_are_up(make_cluster: Cluster) -> None:
+    config = make_cluster(3)
+    with Node(config, "w1") as a:
+        late: list[Node] = []
+        starter = threading.Timer(0.3, lambda: late.append(Node(config, "w2")))
+        starter.start()
+        try:
+            start = time.monotonic()
+            assert a.wait_for_peers(count=1, timeout=10) == 1
+            assert 0.2 < time.monotonic() - start < 5
+            start = time.monotonic()
+            assert a.wait_for_peers(timeout=0.4) == 1  # w3 never comes
+            assert time.monotonic() - start < 1.5
+        finally:
+            starter.join()
+            for node in late:
+                node.close()
