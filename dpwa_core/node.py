@@ -65,6 +65,9 @@ class Node:
             from the first :meth:`update_send`. Peers refuse each other when layouts differ.
         seed: seeds the random choices (whether to pull, which peer) for reproducible runs.
 
+    Call :meth:`update_send` and :meth:`update_wait` from one training thread; the node's own
+    threads do the networking.
+
     Raises:
         ConfigError: the config is invalid or does not name this node.
         OSError: the node's address cannot be bound.
