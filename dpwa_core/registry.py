@@ -51,8 +51,7 @@ _lock = threading.RLock()
 _manager: pluggy.PluginManager | None = None
 _table: Mapping[str, StrategyInfo] | None = None
 
-# The hook specs' module. Not `from dpwa_core import hookspec`: the package re-exports the
-# `hookspec` marker under that name, which shadows the submodule as a package attribute.
+# The hook specs' module, by its full name: the package re-exports only the `hookimpl` marker.
 _HOOKSPECS = importlib.import_module("dpwa_core.hookspec")
 
 
