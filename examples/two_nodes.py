@@ -2,14 +2,15 @@
 
 Each node sees only its own half of the data and starts from different weights. Run:
 
-    python examples/two_nodes.py
+    python examples/two_nodes.py [--config examples/two_nodes.yaml] [--steps 300]
 
-The script starts itself twice, as nodes w1 and w2 of examples/two_nodes.yaml (the node's name
-comes from the DPWA_NODE environment variable), and prefixes each line with the node's name.
+The script starts itself twice, as nodes w1 and w2 of the config (the node's name comes from
+the DPWA_NODE environment variable), and prefixes each line with the node's name.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -17,10 +18,9 @@ import threading
 from pathlib import Path
 
 CONFIG = Path(__file__).with_name("two_nodes.yaml")
-STEPS = 300
 
 
-def train(name: str) -> None:
+def train(name: str, config: Path, steps: int) -> None:
     import torch
 
     import dpwa_core
@@ -36,10 +36,10 @@ def train(name: str) -> None:
     torch.manual_seed(index)  # different initial weights on each node
     model = torch.nn.Linear(16, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    with dpwa_core.connect(model, CONFIG, name) as gossip:
+    with dpwa_core.connect(model, config, name) as gossip:
         gossip.node.wait_for_peers(timeout=30)  # start together: this job is only seconds long
         loss = float("nan")
-        for step in range(1, STEPS + 1):
+        for step in range(1, steps + 1):
             batch = torch.randint(0, 1000, (32,))
             gossip.update_send(loss if step > 1 else 1.0, samples=32)
             optimizer.zero_grad()
@@ -58,10 +58,10 @@ def train(name: str) -> None:
                 )
 
 
-def launch() -> int:
+def launch(argv: list[str]) -> int:
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__],
+            [sys.executable, __file__, *argv],
             env={**os.environ, "DPWA_NODE": name},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -87,7 +87,11 @@ def launch() -> int:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Two local nodes learn one model by gossip.")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="cluster config (2 nodes)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per node")
+    args = parser.parse_args()
     if "DPWA_NODE" in os.environ:
-        train(os.environ["DPWA_NODE"])
+        train(os.environ["DPWA_NODE"], args.config, args.steps)
     else:
-        sys.exit(launch())
+        sys.exit(launch(sys.argv[1:]))
