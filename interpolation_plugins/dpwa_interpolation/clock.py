@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dpwa_interpolation._share import share
+
 __all__ = ["Clock"]
 
 
@@ -18,13 +20,7 @@ class Clock:
 
     def __call__(self, clock: float, peer_clock: float, loss: float, peer_loss: float) -> float:
         """Return the peer's fraction of the combined clock, 0.5 when both are 0."""
-        # A comparison rather than max(0, x): a NaN clock must stay NaN so the caller rejects it.
-        own = 0.0 if clock < 0 else float(clock)
-        peer = 0.0 if peer_clock < 0 else float(peer_clock)
-        total = own + peer
-        if total == 0:
-            return 0.5
-        return peer / total
+        return share(peer_clock, clock)
 
     def __repr__(self) -> str:
         return "Clock()"

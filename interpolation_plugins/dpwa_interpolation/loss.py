@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from dpwa_interpolation._share import share
+
 __all__ = ["Loss"]
 
 
@@ -21,16 +23,11 @@ class Loss:
 
     def __call__(self, clock: float, peer_clock: float, loss: float, peer_loss: float) -> float:
         """Return our fraction of the combined loss, 0.5 when both are 0."""
-        # A comparison rather than max(0, x): a NaN loss must stay NaN so the caller rejects it.
-        own = 0.0 if loss < 0 else float(loss)
-        peer = 0.0 if peer_loss < 0 else float(peer_loss)
-        if math.isinf(own) or math.isinf(peer):
+        if math.isinf(loss) or math.isinf(peer_loss):
             # inf / (inf + x) would be NaN; the side with the infinite loss is the worse one.
+            own, peer = max(loss, 0.0), max(peer_loss, 0.0)
             return 0.5 if own == peer else float(own > peer)
-        total = own + peer
-        if total == 0:
-            return 0.5
-        return own / total
+        return share(loss, peer_loss)
 
     def __repr__(self) -> str:
         return "Loss()"
