@@ -1,0 +1,1 @@
+"""dpwa adapter for JAX pytrees, including flax.linen parameter dicts."""

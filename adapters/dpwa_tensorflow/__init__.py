@@ -1,0 +1,1 @@
+"""dpwa adapter for Keras 3 models on the TensorFlow backend."""

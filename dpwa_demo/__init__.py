@@ -1,0 +1,1 @@
+"""``dpwa demo``: several local nodes learn scikit-learn's digits together by gossip."""
