@@ -4,6 +4,7 @@ Each method moves the same bytes between two processes as a request/answer pair 
 
 - ``raw socket``: a 1-byte request, the answer with ``sendall`` / ``recv_into``; the floor.
 - ``gloo``: torch.distributed gloo ``send``/``recv`` of a 1-element request, then the tensor.
+- ``memcpy``: ``numpy.copyto`` of the same bytes in this process; the floor for shared memory.
 - ``Node``: one node publishes, the other pulls; the time is ``PullResult.elapsed`` (request
   sent to last byte received). ``Node e2e`` adds what the training thread sees:
   ``update_send`` (which also copies the puller's own parameters into its snapshot) plus
@@ -174,7 +175,20 @@ def measure(nbytes: int, repeats: int) -> dict[str, float]:
         p.join(timeout=60)
     rows["Node"] = _median_ms(elapsed)
     rows["Node e2e"] = _median_ms(e2e)
+    rows["memcpy"] = _median_ms(_memcpy(nbytes, repeats))
     return rows
+
+
+def _memcpy(nbytes: int, repeats: int) -> list[float]:
+    """numpy copy of the same bytes between two preallocated buffers: the local floor."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    return times[1:]
 
 
 def _median_ms(times: list[float]) -> float:
@@ -183,7 +197,9 @@ def _median_ms(times: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 100], help="MiB per pull")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[1, 4, 25, 100], help="MiB per pull"
+    )
     parser.add_argument("--repeats", type=int, default=15, help="pulls per method and size")
     args = parser.parse_args()
     results = {}
