@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dpwa_core.cli import main
+from dpwa_core.config import Config, load_config
 
 SEED = Path(__file__).parent / "data" / "seed_config.yaml"
 VERSION = importlib.metadata.version("dpwa")
@@ -96,3 +98,111 @@ def test_python_dash_m_runs_the_command() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "OK (4 nodes)" in result.stdout
+
+
+def test_config_init_prints_a_commented_config_that_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "init", "--nodes", "3"]) == 0
+    text = capsys.readouterr().out
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    config = load_config(path)
+    assert [(n.name, n.host, n.port) for n in config.nodes] == [
+        ("w1", "127.0.0.1", 45000),
+        ("w2", "127.0.0.1", 45001),
+        ("w3", "127.0.0.1", 45002),
+    ]
+    defaults = Config(nodes=config.nodes)
+    assert (config.pull_probability, config.timeout_ms, config.interpolation) == (
+        defaults.pull_probability,
+        defaults.timeout_ms,
+        defaults.interpolation,
+    )
+    assert config.divergence_threshold == defaults.divergence_threshold
+    assert dict(config.methods["constant"]) == {"value": 0.5}
+    # Every key is written out, each under a comment that explains it.
+    lines = text.splitlines()
+    keys = [line.split(":")[0] for line in lines if line[:1].isalpha()]
+    assert keys == [
+        "nodes",
+        "pull_probability",
+        "timeout_ms",
+        "interpolation",
+        "constant",
+        "divergence_threshold",
+        "reject_nonfinite",
+    ]
+    assert config.reject_nonfinite == defaults.reject_nonfinite
+    for index, line in enumerate(lines):
+        if line[:1].isalpha():
+            assert lines[index - 1].startswith("# "), f"no comment above {line!r}"
+
+
+def test_config_init_writes_a_file_and_refuses_to_overwrite_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "cluster.yaml"
+    args = ["config", "init", "--nodes", "2", "--host", "node1.lan", "--base-port", "50000"]
+    assert main([*args, "-o", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"wrote {path}: 2 nodes" in captured.err
+    config = load_config(path)
+    assert [n.address for n in config.nodes] == [("node1.lan", 50000), ("node1.lan", 50001)]
+    assert main(["check", str(path)]) == 0
+    capsys.readouterr()
+
+    before = path.read_text()
+    assert main(["config", "init", "--nodes", "5", "-o", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "already exists; not overwriting it. Pass --force" in err
+    assert path.read_text() == before
+    assert main(["config", "init", "--nodes", "5", "-o", str(path), "--force"]) == 0
+    assert len(load_config(path).nodes) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cluster.yaml"]  # no temporary left
+
+
+@pytest.mark.parametrize("host", ["::1", "10.0.0.5", "123", "true", "my_node-2.cluster.local"])
+def test_config_init_hosts_round_trip(host: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "init", "--nodes", "2", "--host", host]) == 0
+    config = load_config(yaml.safe_load(capsys.readouterr().out))
+    assert [n.host for n in config.nodes] == [host, host]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nodes", "0"], "--nodes must be a whole number >= 1"),
+        (["--nodes", "-3"], "--nodes must be a whole number >= 1"),
+        (["--nodes", "2", "--base-port", "0"], "--base-port must be a port number 1..65535"),
+        (["--nodes", "2", "--base-port", "70000"], "--base-port must be a port number 1..65535"),
+        (
+            ["--nodes", "10", "--base-port", "65530"],
+            "10 nodes from port 65530 need ports up to 65539, past 65535. "
+            "Use --base-port 65526 or lower",
+        ),
+        (["--nodes", "2", "--host", "bad host"], "neither an IP address nor a valid host name"),
+        (["--nodes", "2", "--host", ""], "--host must be a host name or IP address"),
+        (["--nodes", "2", "--host=-x.lan"], "neither an IP address nor a valid host name"),
+    ],
+)
+def test_config_init_rejects_bad_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    path = tmp_path / "cluster.yaml"
+    assert main(["config", "init", *args, "-o", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("dpwa: error: ") and message in captured.err
+    assert not path.exists()
+
+
+def test_config_init_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "init"]) == 2
+    assert "--nodes" in capsys.readouterr().err
+    assert main(["config", "init", "--nodes", "two"]) == 2
+    assert "invalid int value" in capsys.readouterr().err
+    assert main(["config"]) == 2
+    assert "init" in capsys.readouterr().err
+    assert main(["config", "init", "--nodes", "65535", "--base-port", "1"]) == 0
+    assert capsys.readouterr().out.count("{name: w") == 65535
