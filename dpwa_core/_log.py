@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
-__all__ = ["OncePerPeer", "get_logger"]
+__all__ = ["OncePerPeer", "get_logger", "reason_of"]
 
 _MAX_REMEMBERED = 4096  # bound the memory a stream of distinct bad peers can make us use
 
@@ -36,3 +37,17 @@ class OncePerPeer:
                     self._seen.clear()
                 self._seen.add(key)
         self._logger.log(logging.WARNING if first else logging.DEBUG, message, *args)
+
+
+_VARIABLE = re.compile(
+    r"b?'[^']*'|b?\"[^\"]*\"|-?\b\d[\d.]*(?:e[+-]?\d+)?\b|\bnan\b|\binf\b|0x[0-9a-f]+"
+)
+
+
+def reason_of(message: str) -> str:
+    """``message`` with its numbers and quoted values blanked: one key per kind of rejection.
+
+    ``"bad magic b'GET '"`` and ``"bad magic b'xyz!'"`` are one reason, so a peer sending
+    random bytes is logged once, not once per distinct value.
+    """
+    return _VARIABLE.sub("#", message)

@@ -10,6 +10,9 @@ A config is a YAML mapping::
     interpolation: constant    # an installed strategy: see `dpwa plugins`
     divergence_threshold: 0    # 0 disables
     constant: {value: 0.5}     # options of a strategy, one section per strategy name
+    reject_nonfinite: true     # refuse received parameters holding NaN or Inf
+    auth: {secret_env: DPWA_SECRET}                 # optional shared-secret handshake
+    tls: {cert: w1.pem, key: w1.key, ca: ca.pem}    # optional mutual TLS
 
 The original dpwa layout (a list of one-key mappings, ``fetch_probability`` for
 ``pull_probability``, ``clock: 0`` for a section without options) loads unchanged and means
@@ -31,15 +34,28 @@ from typing import Any
 import yaml
 
 from dpwa_core import registry
+from dpwa_core._log import get_logger
+from dpwa_core.auth import AuthSettings, file_is_private, load_secret
 from dpwa_core.errors import ConfigError, PluginError
 from dpwa_core.hookspec import Strategy
+from dpwa_core.tls import TlsSettings, server_context
 
 __all__ = ["NODE_ENV", "Config", "NodeSpec", "load_config"]
 
 NODE_ENV = "DPWA_NODE"
 """Environment variable naming this process's node when no name is passed."""
 
-_TOP_LEVEL = ("nodes", "pull_probability", "timeout_ms", "interpolation", "divergence_threshold")
+_SETTINGS = (
+    "pull_probability",
+    "timeout_ms",
+    "interpolation",
+    "divergence_threshold",
+    "reject_nonfinite",
+)
+_TOP_LEVEL = ("nodes", *_SETTINGS, "auth", "tls")
+_AUTH_KEYS = ("secret_env", "secret_file")
+_TLS_KEYS = ("cert", "key", "ca", "check_hostname")
+_log = get_logger("config")
 _ALIASES = {"fetch_probability": "pull_probability"}  # the seed's names for today's keys
 _NODE_KEYS = ("name", "host", "port")
 _NODE_EXAMPLE = "{name: w1, host: localhost, port: 45000}"
@@ -78,6 +94,9 @@ class Config:
         interpolation: name of an installed strategy (see ``dpwa plugins``).
         divergence_threshold: loss at which models diverge on purpose; 0 disables.
         methods: options per strategy name, e.g. ``{"constant": {"value": 0.5}}``.
+        reject_nonfinite: refuse received parameters that hold NaN or Inf.
+        auth: the shared secret every connection must prove, or None (trusted networks only).
+        tls: certificate, key and CA for mutual TLS, or None for plain TCP.
         source: where the config came from, for error messages; not compared.
 
     Raises:
@@ -91,6 +110,9 @@ class Config:
     divergence_threshold: float = 0.0
     # Not hashed: sections may hold lists. Equal configs still hash equal without them.
     methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
+    reject_nonfinite: bool = True
+    auth: AuthSettings | None = None
+    tls: TlsSettings | None = None
     source: str = field(default="<mapping>", compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +122,16 @@ class Config:
         set_(self, "timeout_ms", self._number("timeout_ms", lambda v: v > 0))
         set_(self, "divergence_threshold", self._number("divergence_threshold", lambda v: v >= 0))
         set_(self, "methods", self._checked_methods())
+        if not isinstance(self.reject_nonfinite, bool):
+            raise self._error(
+                "reject_nonfinite", f"must be true or false, got {self.reject_nonfinite!r}"
+            )
+        if self.auth is not None and not isinstance(self.auth, AuthSettings):
+            raise self._error("auth", f"must be an AuthSettings, got {self.auth!r}")
+        if self.tls is not None:
+            if not isinstance(self.tls, TlsSettings):
+                raise self._error("tls", f"must be a TlsSettings, got {self.tls!r}")
+            server_context(self.tls, self.source)  # load the files now, not at the first pull
         if not isinstance(self.interpolation, str):
             raise self._error(
                 "interpolation",
@@ -375,10 +407,79 @@ def _from_document(document: Any, source: str) -> Config:
             f"{source}: key 'nodes' is missing. List the cluster's nodes, e.g. "
             f"nodes: [{_NODE_EXAMPLE}]."
         )
-    settings = {key: raw[key] for key in _TOP_LEVEL[1:] if key in raw}
+    settings = {key: raw[key] for key in _SETTINGS if key in raw}
     methods = {name: _section(raw[name], name, source) for name in installed if name in raw}
     nodes = _nodes(raw["nodes"], source)
-    return Config(nodes=nodes, methods=methods, source=source, **settings)
+    base = os.path.dirname(source) if source != "<mapping>" else ""
+    return Config(
+        nodes=nodes,
+        methods=methods,
+        source=source,
+        auth=_auth(raw.get("auth"), source, base),
+        tls=_tls(raw.get("tls"), source, base),
+        **settings,
+    )
+
+
+def _keys_of(value: Any, key: str, allowed: tuple[str, ...], example: str, source: str) -> None:
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{source}: key {key!r} must be a mapping such as {example}; got {value!r}."
+        )
+    extra = [k for k in value if k not in allowed]
+    if extra:
+        raise ConfigError(
+            f"{source}: key {key!r} has unknown {', '.join(map(repr, extra))}; its keys are "
+            f"{', '.join(allowed)}, e.g. {example}."
+        )
+
+
+def _path(value: Any, key: str, source: str, base: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{source}: key {key!r} must be a file path, got {value!r}.")
+    return os.path.join(base, os.path.expanduser(value))  # relative to the config file
+
+
+def _auth(value: Any, source: str, base: str) -> AuthSettings | None:
+    """The ``auth`` section: where the shared secret is; the secret is read now."""
+    if value is None:
+        return None
+    example = "{secret_env: DPWA_SECRET} or {secret_file: secret.txt}"
+    _keys_of(value, "auth", _AUTH_KEYS, example, source)
+    env = value.get("secret_env")
+    if env is not None and (not isinstance(env, str) or not env.strip()):
+        raise ConfigError(
+            f"{source}: key 'auth.secret_env' must name an environment variable, got {env!r}."
+        )
+    path = None
+    if "secret_file" in value:
+        path = _path(value["secret_file"], "auth.secret_file", source, base)
+    secret = load_secret(env=env, path=path, where=source)
+    if path is not None and not file_is_private(path):
+        _log.warning("%s: secret file %s may be read by other users; chmod 600 it", source, path)
+    where = f"environment variable {env}" if env is not None else f"file {path}"
+    return AuthSettings(where, secret)
+
+
+def _tls(value: Any, source: str, base: str) -> TlsSettings | None:
+    """The ``tls`` section: this node's certificate and key and the cluster CA."""
+    if value is None:
+        return None
+    example = "{cert: node.pem, key: node.key, ca: ca.pem}"
+    _keys_of(value, "tls", _TLS_KEYS, example, source)
+    missing = [k for k in ("cert", "key", "ca") if k not in value]
+    if missing:
+        raise ConfigError(
+            f"{source}: key 'tls' misses {', '.join(map(repr, missing))}; give all of cert, "
+            f"key and ca, e.g. {example}."
+        )
+    check = value.get("check_hostname", False)
+    if not isinstance(check, bool):
+        raise ConfigError(
+            f"{source}: key 'tls.check_hostname' must be true or false, got {check!r}."
+        )
+    cert, key, ca = (_path(value[k], f"tls.{k}", source, base) for k in ("cert", "key", "ca"))
+    return TlsSettings(cert, key, ca, check)
 
 
 def _merge_list_layout(document: list[Any], source: str) -> dict[Any, Any]:

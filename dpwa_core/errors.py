@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterError",
+    "AuthError",
     "ConfigError",
     "DpwaError",
     "InterpolationError",
@@ -38,3 +39,7 @@ class AdapterError(DpwaError):
 
 class ProtocolError(DpwaError):
     """A peer sent bytes that do not follow the wire protocol (see docs/PROTOCOL.md)."""
+
+
+class AuthError(ProtocolError):
+    """A peer failed the shared-secret handshake, or only one side has ``auth`` configured."""

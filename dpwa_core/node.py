@@ -4,16 +4,26 @@ The training thread calls :meth:`Node.update_send` before a step (publish, maybe
 and :meth:`Node.update_wait` after it (collect the pull and the interpolation factor). Network
 work happens on two background threads, a server and a puller, so a slow or dead peer costs the
 training thread at most ``timeout_ms``.
+
+Shutdown: :meth:`Node.close` (or leaving a ``with Node(...)`` block) stops both threads and
+frees the port. A node still open when the interpreter exits (e.g. after Ctrl+C's
+``KeyboardInterrupt`` ended the training loop) is closed by an ``atexit`` hook. When the process
+gets SIGTERM and nobody else handles it, every open node is closed and the signal is then
+delivered with its default action, so the process still ends with "terminated by SIGTERM".
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
 import os
 import random
+import signal
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +37,7 @@ from dpwa_core.peers import PeerTable
 from dpwa_core.puller import Outcome, Puller, Ticket
 from dpwa_core.server import Server
 from dpwa_core.snapshot import SnapshotBuffer
+from dpwa_core.tls import client_context, server_context
 
 __all__ = ["Node", "PullResult"]
 
@@ -66,7 +77,9 @@ class Node:
         seed: seeds the random choices (whether to pull, which peer) for reproducible runs.
 
     Call :meth:`update_send` and :meth:`update_wait` from one training thread; the node's own
-    threads do the networking.
+    threads do the networking. With the config's ``auth`` and ``tls`` sections every connection,
+    in and out, is authenticated and/or encrypted (docs/SECURITY.md); received parameters that
+    hold NaN or Inf are refused unless ``reject_nonfinite`` is false.
 
     Raises:
         ConfigError: the config is invalid or does not name this node.
@@ -111,14 +124,32 @@ class Node:
         self._lock = threading.Lock()
         self._closed = False
         self._warned_loss = False
-        self._server = Server(spec.host, spec.port, self.config.timeout)
+        tls = self.config.tls
+        self._client_tls = client_context(tls, self.config.source) if tls else None
+        self._secret = self.config.auth.secret if self.config.auth else None
+        self._server = Server(
+            spec.host,
+            spec.port,
+            self.config.timeout,
+            secret=self._secret,
+            tls=server_context(tls, self.config.source) if tls else None,
+        )
         if layout is not None:
             try:
                 self._start(layout)
             except BaseException:
                 self._server.close()
                 raise
-        _log.info("%s listening on %s:%d", self.name, *self.address)
+        self._pid = os.getpid()
+        _live_nodes.add(self)
+        _install_shutdown_hooks()
+        extras = [k for k in ("auth", "tls") if getattr(self.config, k) is not None]
+        _log.info(
+            "%s listening on %s:%d%s",
+            self.name,
+            *self.address,
+            f" ({' + '.join(extras)})" if extras else " (no auth: trusted networks only)",
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -256,9 +287,13 @@ class Node:
 
         Returns:
             A dict with ``pulls_ok``, ``pulls_failed``, ``pulls_timed_out``, ``pulls_served``,
-            ``bytes_in``, ``bytes_out``, ``rejected`` (bad requests refused), ``snapshots_skipped``,
-            ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock`` and
-            ``scores`` (each peer's flow-control score).
+            ``bytes_in``, ``bytes_out``, ``rejected`` (connections refused for a bad request, a
+            failed handshake or a timeout), ``rejected_nonfinite`` (peers' answers refused for
+            holding NaN or Inf), ``evicted`` (idle connections closed to make room),
+            ``connections`` (open now), ``snapshots_skipped``,
+            ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock``,
+            ``scores`` (each peer's flow-control score) and ``peers`` (per peer: ``score`` and
+            its ``ok``, ``failed`` and ``timed_out`` pull counts).
         """
         with self._lock:
             stats: dict[str, Any] = dict(self._counts)
@@ -267,10 +302,14 @@ class Node:
         stats["pulls_served"] = self._server.served
         stats["bytes_out"] = self._server.bytes_out
         stats["rejected"] = self._server.rejected
+        stats["rejected_nonfinite"] = self._puller.rejected_nonfinite if self._puller else 0
+        stats["evicted"] = self._server.evicted
+        stats["connections"] = self._server.connections
         stats["bytes_in"] = self._puller.bytes_in if self._puller else 0
         stats["snapshots_skipped"] = self._snapshots.skipped if self._snapshots else 0
         stats["clock"] = self.clock
         stats["scores"] = self._peers.scores()
+        stats["peers"] = self._peers.counts()
         return stats
 
     def close(self) -> None:
@@ -278,6 +317,7 @@ class Node:
         if self._closed:
             return
         self._closed = True
+        _live_nodes.discard(self)
         self._server.close()
         if self._puller is not None:
             self._puller.close(timeout=0.5)
@@ -296,7 +336,14 @@ class Node:
     def _start(self, layout: Layout) -> None:
         self._layout = layout
         self._snapshots = SnapshotBuffer(layout.size)
-        self._puller = Puller(self.name, self._peers, layout)
+        self._puller = Puller(
+            self.name,
+            self._peers,
+            layout,
+            secret=self._secret,
+            tls=self._client_tls,
+            reject_nonfinite=self.config.reject_nonfinite,
+        )
         self._server.set_source(layout, self._snapshots)
 
     def _update_send(
@@ -340,6 +387,45 @@ class Node:
         )
         with self._lock:
             self._counts[key] += 1
+
+
+_live_nodes: weakref.WeakSet[Node] = weakref.WeakSet()
+_hooks_installed = False
+
+
+def close_all_nodes() -> None:
+    """Close every node of this process that is still open (the atexit and SIGTERM hook).
+
+    Nodes inherited by a forked child (e.g. a data-loader worker) are left alone: their
+    sockets are shared with the parent, and shutting them down would cut the parent's peers.
+    """
+    for node in list(_live_nodes):
+        if node._pid != os.getpid():
+            continue
+        try:
+            node.close()
+        except Exception:  # closing the others matters more than one failure
+            _log.exception("%s: error while closing", node.name)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    close_all_nodes()
+    # Then die of the signal as if we had never caught it, so supervisors see SIGTERM.
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_shutdown_hooks() -> None:
+    """Register the atexit hook once; take over SIGTERM only where nobody else has."""
+    global _hooks_installed
+    if not _hooks_installed:
+        _hooks_installed = True
+        atexit.register(close_all_nodes)
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    with contextlib.suppress(ValueError, OSError):
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _describe(value: object) -> str:

@@ -117,6 +117,19 @@ class PeerTable:
                 peer.timed_out += 1
                 peer.score = max(MIN_SCORE, peer.score * _TIMEOUT_DECAY)
 
+    def counts(self) -> dict[str, dict[str, float]]:
+        """Each peer's ``score`` and its ``ok``, ``failed`` and ``timed_out`` pull counts."""
+        with self._lock:
+            return {
+                name: {
+                    "score": peer.score,
+                    "ok": peer.ok,
+                    "failed": peer.failed,
+                    "timed_out": peer.timed_out,
+                }
+                for name, peer in self._peers.items()
+            }
+
     def scores(self) -> dict[str, float]:
         """Current flow-control score of every peer."""
         with self._lock:

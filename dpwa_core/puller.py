@@ -3,7 +3,9 @@
 The training thread hands the puller a :class:`Ticket` with a deadline; the puller picks a peer
 by flow-control score, sends PULL on a persistent connection (reconnecting when the peer dropped
 it) and receives the answer straight into one preallocated buffer. Whoever resolves a ticket
-first wins: a pull that finishes after its deadline is dropped, never delivered late.
+first wins: a pull that finishes after its deadline is dropped, never delivered late. A new
+connection is opened with TLS and the shared-secret handshake when the config asks for them,
+and an answer holding NaN or Inf is refused unless the config allows it.
 """
 
 from __future__ import annotations
@@ -12,19 +14,21 @@ import contextlib
 import enum
 import queue
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from dpwa_core._log import OncePerPeer, get_logger
-from dpwa_core.errors import ProtocolError
+from dpwa_core._log import OncePerPeer, get_logger, reason_of
+from dpwa_core.auth import client_handshake
+from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.peers import Peer, PeerTable
 from dpwa_core.wire import HEADER, MessageType, decode_header, encode_header, recv_exact, send_all
 
-__all__ = ["Outcome", "Puller", "Ticket"]
+__all__ = ["Outcome", "Puller", "Ticket", "all_finite"]
 
 _log = get_logger("puller")
 
@@ -68,6 +72,21 @@ class _NotReady(Exception):
     """The peer has published nothing yet."""
 
 
+class _NonFinite(Exception):
+    """The peer's parameters hold NaN or Inf."""
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every element of ``values`` is finite, without allocating a mask.
+
+    ``min`` and ``max`` propagate NaN, and an infinity is the minimum or the maximum, so two
+    reductions (fast, vectorised) answer it for any size of model.
+    """
+    if values.size == 0:
+        return True
+    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+
+
 class Puller:
     """Pulls peers' snapshots into one receive buffer on a background thread.
 
@@ -75,11 +94,28 @@ class Puller:
         name: this node's name, for log lines.
         peers: the peer table to choose from and to score.
         layout: this node's layout; answers with another layout are refused.
+        secret: the shared secret to prove on every new connection, or None.
+        tls: a client TLS context to wrap every new connection in, or None.
+        reject_nonfinite: refuse answers whose parameters hold NaN or Inf.
     """
 
-    def __init__(self, name: str, peers: PeerTable, layout: Layout) -> None:
+    def __init__(
+        self,
+        name: str,
+        peers: PeerTable,
+        layout: Layout,
+        *,
+        secret: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
+        reject_nonfinite: bool = True,
+    ) -> None:
         self.name = name
         self.layout = layout
+        self._secret = secret
+        self._tls = tls
+        self.reject_nonfinite = reject_nonfinite
+        self.rejected_nonfinite = 0
+        """Answers refused because their parameters held NaN or Inf."""
         self.buffer = np.empty(layout.size, np.float32)
         self._payload = self.buffer.data.cast("B")
         self._header = memoryview(bytearray(HEADER.size))
@@ -138,20 +174,30 @@ class Puller:
             ticket.resolve(Outcome.TIMED_OUT, peer.name)
         except _NotReady:
             ticket.resolve(Outcome.FAILED, peer.name)  # alive, just not started: no penalty
+        except _NonFinite:
+            self.rejected_nonfinite += 1
+            self._peers.record_failure(peer.name)
+            self._warn.warning(
+                peer.name,
+                "nonfinite",
+                "%s: refused parameters from %s: they contain NaN or Inf (reject_nonfinite)",
+                self.name,
+                peer.name,
+            )
+            ticket.resolve(Outcome.FAILED, peer.name)
         except (ProtocolError, OSError) as exc:
             self._close(peer.name)
             if self._closing:  # our own close() cut the pull short; the peer did nothing wrong
                 ticket.resolve(Outcome.FAILED, peer.name)
                 return
             self._peers.record_failure(peer.name)
-            reason = type(exc).__name__ if isinstance(exc, OSError) else str(exc)
+            reason = type(exc).__name__ if isinstance(exc, OSError) else reason_of(str(exc))
             self._warn.warning(
                 peer.name, reason, "%s: pull from %s failed: %s", self.name, peer.name, exc
             )
             ticket.resolve(Outcome.FAILED, peer.name)
         else:
             self._peers.record_success(peer.name)
-            self.bytes_in += HEADER.size + self.layout.nbytes
             ticket.resolve(
                 Outcome.OK,
                 peer.name,
@@ -180,6 +226,16 @@ class Puller:
         header = decode_header(self._header)
         if header.type is MessageType.NOT_READY:
             raise _NotReady
+        if header.type is MessageType.TLS_REQUIRED:
+            raise ProtocolError(
+                "the peer requires TLS, but this node has no 'tls' configured; give every node "
+                "the cluster's tls section"
+            )
+        if header.type is MessageType.AUTH_REQUIRED:
+            raise AuthError(
+                "the peer requires the shared-secret handshake, but this node has no 'auth' "
+                "configured; give every node the same auth section"
+            )
         if header.type is MessageType.LAYOUT_MISMATCH:
             text = bytearray(header.length)  # bounded by MAX_TEXT_PAYLOAD in decode_header
             recv_exact(conn, memoryview(text), ticket.deadline)
@@ -191,6 +247,9 @@ class Puller:
             theirs = describe_fingerprint(header.size, header.shape_hash)
             raise ProtocolError(f"layout mismatch: ours {self.layout.describe()}; theirs {theirs}")
         recv_exact(conn, self._payload, ticket.deadline)
+        self.bytes_in += HEADER.size + self.layout.nbytes
+        if self.reject_nonfinite and not all_finite(self.buffer):
+            raise _NonFinite
         return header.clock, header.loss
 
     def _connection(self, peer: Peer, deadline: float) -> tuple[socket.socket, bool]:
@@ -203,8 +262,29 @@ class Puller:
         if remaining <= 0:
             raise TimeoutError("deadline passed before connecting")
         conn = socket.create_connection(peer.address, timeout=remaining)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._conns[peer.name] = (conn, peer.address)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                hostname = peer.host if self._tls.check_hostname else None
+                conn = self._tls.wrap_socket(
+                    conn, server_hostname=hostname, do_handshake_on_connect=False
+                )
+                conn.settimeout(max(0.001, deadline - time.monotonic()))
+                try:
+                    conn.do_handshake()
+                except (ConnectionResetError, ssl.SSLEOFError) as exc:
+                    raise ConnectionError(
+                        f"the peer closed the connection during the TLS handshake ({exc}); "
+                        "does it have the cluster's tls section?"
+                    ) from None
+            # Registered before the handshake, so close() can cut a stalled one short.
+            self._conns[peer.name] = (conn, peer.address)
+            if self._secret is not None:
+                client_handshake(conn, self._secret, deadline)
+        except BaseException:
+            self._close(peer.name)
+            conn.close()
+            raise
         return conn, True
 
     def _close(self, name: str) -> None:

@@ -3,22 +3,34 @@
 One listener thread accepts connections; each connection gets a thread that waits for PULL
 requests and answers them from the pinned snapshot, so a slow peer only slows its own
 connection. Connections are persistent: a peer sends the next PULL on the same socket.
+
+A new connection must finish its opening (TLS handshake when configured, the shared-secret
+handshake when configured, and its first request) within ``timeout`` seconds of being accepted;
+every later request must arrive whole within ``timeout`` of its first byte. Connections are
+capped: when the cap is reached, the oldest connection that has not finished its opening, or
+else the one idle the longest, is closed to make room, so idle or slow connections can never
+lock valid peers out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
+from dataclasses import dataclass
 
-from dpwa_core._log import OncePerPeer, get_logger
-from dpwa_core.errors import ProtocolError
+from dpwa_core._log import OncePerPeer, get_logger, reason_of
+from dpwa_core.auth import AUTH_MAGIC, server_handshake
+from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.snapshot import SnapshotBuffer
 from dpwa_core.wire import (
     HEADER,
+    MAGIC,
     MAX_TEXT_PAYLOAD,
+    Header,
     MessageType,
     decode_header,
     encode_header,
@@ -30,6 +42,21 @@ __all__ = ["Server"]
 
 _log = get_logger("server")
 _ACCEPT_POLL = 0.1  # seconds; bounds how long close() waits for the listener thread
+_TLS_RECORD = 0x16  # first byte of a TLS handshake record
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One accepted connection and where it is in its life."""
+
+    sock: socket.socket
+    peer: str
+    opened: float
+    idle_since: float | None = None
+    """Set while the connection waits for its next request after serving one."""
+    open_done: bool = False
+    """The opening (TLS, handshake, first request) is over."""
+    evicted: bool = False
 
 
 class Server:
@@ -38,9 +65,14 @@ class Server:
     Args:
         host: address to bind.
         port: port to bind (0 picks a free one).
-        timeout: seconds a peer has to finish sending a request, and we to send an answer.
-        max_connections: connections served at once; more are refused with a log line.
+        timeout: seconds a peer has to open a connection (handshakes and first request) and to
+            finish each request once started, and we to send an answer.
+        max_connections: connections held at once; at the cap the oldest unfinished opening (or
+            else the longest-idle connection) is closed to make room.
         idle_timeout: seconds an idle persistent connection is kept open.
+        secret: the shared secret every connection must prove (see :mod:`dpwa_core.auth`), or
+            None to serve anyone who connects.
+        tls: a server TLS context (see :mod:`dpwa_core.tls`), or None for plain TCP.
     """
 
     def __init__(
@@ -51,18 +83,26 @@ class Server:
         *,
         max_connections: int = 256,
         idle_timeout: float = 120.0,
+        secret: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.timeout = timeout
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self._secret = secret
+        self._tls = tls
         self._source: tuple[Layout, SnapshotBuffer] | None = None
         self._closed = threading.Event()
-        self._conns: set[socket.socket] = set()
+        self._conns: set[_Connection] = set()
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._rejections = OncePerPeer(_log)
         self.served = 0
         self.bytes_out = 0
         self.rejected = 0
+        """Connections closed for a bad request, a failed handshake or a timeout."""
+        self.evicted = 0
+        """Connections closed to make room for new ones."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -75,7 +115,7 @@ class Server:
                 f"cannot listen on {host}:{port}: {exc.strerror}. Is another node already "
                 "using this address? Change the node's port in the config.",
             ) from exc
-        listener.listen(128)
+        listener.listen(1024)  # a burst of connections waits here instead of being dropped
         listener.settimeout(_ACCEPT_POLL)
         self._listener = listener
         self.address: tuple[str, int] = listener.getsockname()[:2]
@@ -88,20 +128,31 @@ class Server:
         """Start answering pulls from ``snapshots``, whose parameters follow ``layout``."""
         self._source = (layout, snapshots)
 
+    @property
+    def connections(self) -> int:
+        """Connections open right now."""
+        with self._lock:
+            return len(self._conns)
+
     def close(self) -> None:
-        """Stop accepting, drop every connection, and free the port."""
+        """Stop accepting, drop every connection, free the port, and end the threads."""
         self._closed.set()
         with self._lock:
             conns = list(self._conns)
         for conn in conns:
-            _shutdown(conn)
+            _shutdown(conn.sock)
         self._thread.join(timeout=2 * _ACCEPT_POLL + 0.5)
         self._listener.close()
+        with self._lock:
+            threads = list(self._threads)
+        end = time.monotonic() + 0.3  # shut-down sockets end their threads at once
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
             try:
-                conn, addr = self._listener.accept()
+                sock, addr = self._listener.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -109,53 +160,96 @@ class Server:
                     return
                 time.sleep(_ACCEPT_POLL)  # e.g. out of file descriptors: back off, keep serving
                 continue
-            peer = f"{addr[0]}:{addr[1]}"
-            with self._lock:
-                full = len(self._conns) >= self.max_connections
-                if not full:
-                    self._conns.add(conn)
-            if full:
-                self.rejected += 1
-                self._rejections.warning(
-                    addr[0],
-                    "full",
-                    "refused %s: already serving %d connections",
-                    peer,
-                    self.max_connections,
-                )
-                conn.close()
+            conn = _Connection(sock, f"{addr[0]}:{addr[1]}", time.monotonic())
+            if not self._admit(conn):
+                sock.close()
                 continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(
-                target=self._serve, args=(conn, peer), name=f"dpwa-conn-{peer}", daemon=True
-            ).start()
-
-    def _serve(self, conn: socket.socket, peer: str) -> None:
-        host = peer.rsplit(":", 1)[0]
-        header = memoryview(bytearray(HEADER.size))
-        try:
-            while not self._closed.is_set():
-                # Idle peers may wait long for their next pull; a started header must finish fast.
-                conn.settimeout(self.idle_timeout)
-                try:
-                    if conn.recv_into(header[:1], 1) == 0:
-                        return
-                except TimeoutError:
-                    _log.debug("closed idle connection from %s", peer)
-                    return
-                recv_exact(conn, header[1:], time.monotonic() + self.timeout)
-                request = decode_header(header)
-                if request.type is not MessageType.PULL:
-                    raise ProtocolError(f"expected a PULL request, got {request.type.name}")
-                if not self._answer(conn, request.size, request.shape_hash, peer):
-                    return
-        except ProtocolError as exc:
-            self.rejected += 1
-            self._rejections.warning(host, str(exc), "closed connection from %s: %s", peer, exc)
-        except TimeoutError:
-            self._rejections.warning(
-                host, "timeout", "closed connection from %s: request or answer timed out", peer
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            thread = threading.Thread(
+                target=self._serve, args=(conn,), name=f"dpwa-conn-{conn.peer}", daemon=True
             )
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
+
+    def _admit(self, conn: _Connection) -> bool:
+        """Make room for ``conn`` if the cap is reached; False when nothing could be closed."""
+        victim = None
+        full = False
+        with self._lock:
+            if len(self._conns) >= self.max_connections:
+                victim = self._victim()
+                if victim is None:
+                    self.rejected += 1
+                    full = True
+                else:
+                    victim.evicted = True
+                    self._conns.discard(victim)
+                    self.evicted += 1
+            if not full:
+                self._conns.add(conn)
+        host = conn.peer.rsplit(":", 1)[0]
+        if full:
+            self._rejections.warning(
+                host,
+                "full",
+                "refused %s: all %d connections are busy with requests",
+                conn.peer,
+                self.max_connections,
+            )
+            return False
+        if victim is not None:
+            _shutdown(victim.sock)
+            self._rejections.warning(
+                victim.peer.rsplit(":", 1)[0],
+                "evicted",
+                "closed %s connection from %s to make room: %d connections open",
+                "an idle" if victim.open_done else "an unfinished",
+                victim.peer,
+                self.max_connections,
+            )
+        return True
+
+    def _victim(self) -> _Connection | None:
+        """The connection to close for a newcomer (the lock is held), or None: all are busy."""
+        # Openings first: anyone can make them, while an idle connection belongs to a peer
+        # that has finished one (and authenticated, when auth is on).
+        opening = [c for c in self._conns if not c.open_done]
+        if opening:
+            return min(opening, key=lambda c: c.opened)
+        idle = [c for c in self._conns if c.idle_since is not None]
+        if idle:
+            return min(idle, key=lambda c: c.idle_since or 0.0)
+        return None
+
+    def _serve(self, conn: _Connection) -> None:
+        peer = conn.peer
+        host = peer.rsplit(":", 1)[0]
+        try:
+            self._open(conn)
+            self._loop(conn)
+        except _Done:
+            pass
+        except ProtocolError as exc:  # AuthError included
+            self._reject(host, f"closed connection from {peer}: {exc}", reason_of(str(exc)))
+        except TimeoutError:
+            stage = "its request or our answer" if conn.open_done else "its opening"
+            self._reject(
+                host,
+                f"closed connection from {peer}: {stage} took longer than {self.timeout:g} s",
+                f"timeout:{conn.open_done}",
+            )
+        except ssl.SSLError as exc:
+            if conn.evicted or self._closed.is_set() or isinstance(exc, ssl.SSLEOFError):
+                _log.debug("TLS connection from %s ended: %s", peer, exc)
+            else:
+                self._reject(
+                    host,
+                    f"closed connection from {peer}: TLS failed: {exc.reason or exc}. Does the "
+                    "peer have the cluster's tls section and a certificate signed by its CA?",
+                    f"tls:{exc.reason}",
+                )
         except OSError as exc:
             _log.debug("connection from %s ended: %s", peer, exc)
         except Exception:  # a bug must cost one connection, never the server
@@ -163,7 +257,94 @@ class Server:
         finally:
             with self._lock:
                 self._conns.discard(conn)
-            conn.close()
+                self._threads.discard(threading.current_thread())
+            conn.sock.close()
+
+    def _reject(self, host: str, text: str, reason: str) -> None:
+        with self._lock:
+            self.rejected += 1
+        self._rejections.warning(host, reason, "%s", text)
+
+    def _open(self, conn: _Connection) -> None:
+        """TLS, then the handshake, then the first request, all by one deadline."""
+        deadline = conn.opened + self.timeout
+        if self._tls is not None:
+            conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
+            first = conn.sock.recv(1, socket.MSG_PEEK)
+            if first and first[0] != _TLS_RECORD:
+                if first[0] == MAGIC[0]:  # a dpwa peer without TLS: tell it, in plain text
+                    self._refuse(conn.sock, MessageType.TLS_REQUIRED)
+                raise ProtocolError(
+                    "the peer does not speak TLS, but this node requires it; give every node "
+                    "the cluster's tls section"
+                )
+            tls_sock = self._tls.wrap_socket(
+                conn.sock, server_side=True, do_handshake_on_connect=False
+            )
+            with self._lock:
+                conn.sock = tls_sock  # close() and eviction must shut this one down
+                evicted = conn.evicted
+            if evicted:
+                raise ConnectionError("evicted")
+            tls_sock.settimeout(max(0.001, deadline - time.monotonic()))
+            tls_sock.do_handshake()
+        header = memoryview(bytearray(HEADER.size))
+        recv_exact(conn.sock, header[:4], deadline)
+        magic = bytes(header[:4])
+        if magic == AUTH_MAGIC:
+            if self._secret is None:
+                self._refuse(conn.sock, MessageType.NO_AUTH)
+                raise AuthError(
+                    "the peer sent an auth handshake, but this node has no 'auth' configured; "
+                    "give every node the same auth section"
+                )
+            server_handshake(conn.sock, self._secret, deadline, magic)
+            conn.open_done = True
+            return  # the first request follows like any later one
+        if magic == MAGIC:
+            recv_exact(conn.sock, header[4:], deadline)
+            request = decode_header(header)
+            if self._secret is not None:
+                self._refuse(conn.sock, MessageType.AUTH_REQUIRED)
+                raise AuthError(
+                    "the peer sent a request without authenticating; this node requires the "
+                    "shared-secret handshake: give the peer the same 'auth' section"
+                )
+            conn.open_done = True
+            self._handle(conn, request)
+            return
+        if magic[0] == _TLS_RECORD and self._tls is None:
+            raise ProtocolError("the peer speaks TLS, but this node has no 'tls' configured")
+        raise ProtocolError(f"bad magic {magic!r}, expected {MAGIC!r}: not a dpwa peer")
+
+    def _loop(self, conn: _Connection) -> None:
+        """Answer requests on an opened connection until it closes."""
+        header = memoryview(bytearray(HEADER.size))
+        while not self._closed.is_set() and not conn.evicted:
+            # Idle peers may wait long for their next pull; a started header must finish fast.
+            conn.idle_since = time.monotonic()
+            conn.sock.settimeout(self.idle_timeout)
+            try:
+                got = conn.sock.recv_into(header[:1], 1)
+            except TimeoutError:
+                _log.debug("closed idle connection from %s", conn.peer)
+                return
+            finally:
+                conn.idle_since = None
+            if got == 0:
+                return
+            recv_exact(conn.sock, header[1:], time.monotonic() + self.timeout)
+            self._handle(conn, decode_header(header))
+
+    def _handle(self, conn: _Connection, request: Header) -> None:
+        if request.type is not MessageType.PULL:
+            raise ProtocolError(f"expected a PULL request, got {request.type.name}")
+        if not self._answer(conn.sock, request.size, request.shape_hash, conn.peer):
+            raise _Done
+
+    def _refuse(self, sock: socket.socket, kind: MessageType) -> None:
+        with contextlib.suppress(OSError):  # best effort: the log line is what matters
+            send_all(sock, encode_header(kind), time.monotonic() + min(self.timeout, 1.0))
 
     def _answer(self, conn: socket.socket, size: int, shape_hash: int, peer: str) -> bool:
         """Answer one PULL; False when the connection must close."""
@@ -174,7 +355,8 @@ class Server:
         layout, snapshots = source
         if (size, shape_hash) != layout.fingerprint:
             ours = layout.describe()
-            self.rejected += 1
+            with self._lock:
+                self.rejected += 1
             self._rejections.warning(
                 peer.rsplit(":", 1)[0],
                 "layout",
@@ -211,6 +393,10 @@ class Server:
             self.served += 1
             self.bytes_out += HEADER.size + layout.nbytes
         return True
+
+
+class _Done(Exception):
+    """The connection is finished on purpose (e.g. after a LAYOUT_MISMATCH answer)."""
 
 
 def _shutdown(conn: socket.socket) -> None:

@@ -50,6 +50,23 @@ class MessageType(enum.IntEnum):
     """Server has published no snapshot yet; no payload."""
     LAYOUT_MISMATCH = 4
     """Server refuses: layouts differ. Payload: the server's layout, UTF-8 text."""
+    AUTH_REQUIRED = 5
+    """Server refuses a PULL sent without the handshake: it requires auth. No payload."""
+    NO_AUTH = 6
+    """Server refuses a handshake: it has no auth configured. No payload."""
+    TLS_REQUIRED = 7
+    """Server refuses plain TCP: it requires TLS. Sent unencrypted; no payload."""
+
+
+_EMPTY = frozenset(
+    {
+        MessageType.PULL,
+        MessageType.NOT_READY,
+        MessageType.AUTH_REQUIRED,
+        MessageType.NO_AUTH,
+        MessageType.TLS_REQUIRED,
+    }
+)
 
 
 class DType(enum.IntEnum):
@@ -135,7 +152,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"clock {clock!r} is not a finite non-negative number")
     if not math.isfinite(loss):
         raise ProtocolError(f"loss {loss!r} is not finite")
-    if message_type in (MessageType.PULL, MessageType.NOT_READY) and length != 0:
+    if message_type in _EMPTY and length != 0:
         raise ProtocolError(f"{message_type.name} carries no payload, header says {length} bytes")
     if message_type is MessageType.LAYOUT_MISMATCH and length > MAX_TEXT_PAYLOAD:
         raise ProtocolError(f"layout description of {length} bytes exceeds {MAX_TEXT_PAYLOAD}")

@@ -280,3 +280,48 @@ def test_every_section_is_checked_not_only_the_chosen_one() -> None:
     message = error_for(minimal(interpolation="clock", constant={"value": 2}))
     assert "key 'constant' has invalid options" in message
     assert "Fix the 'constant' section" in message
+
+
+def test_security_keys_default_off_and_load_in_both_layouts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config(NEW_STYLE)
+    assert (config.reject_nonfinite, config.auth, config.tls) == (True, None, None)
+    monkeypatch.setenv("DPWA_CONFIG_TEST_SECRET", "abc")
+    seed = yaml.safe_load(SEED.read_text())
+    seed += [{"auth": {"secret_env": "DPWA_CONFIG_TEST_SECRET"}}, {"reject_nonfinite": False}]
+    path = tmp_path / "seed.yaml"
+    path.write_text(yaml.safe_dump(seed))
+    loaded = load_config(path)
+    assert loaded.auth is not None and loaded.auth.secret == b"abc"
+    assert "DPWA_CONFIG_TEST_SECRET" in loaded.auth.source
+    assert loaded.reject_nonfinite is False
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("reject_nonfinite", "yes", "'reject_nonfinite' must be true or false"),
+        ("reject_nonfinite", 1, "'reject_nonfinite' must be true or false"),
+        ("auth", "secret", "'auth' must be a mapping"),
+        ("auth", {}, "exactly one of secret_env"),
+        ("auth", {"secret_env": ""}, "must name an environment variable"),
+        ("tls", ["a"], "'tls' must be a mapping"),
+        ("tls", {"cert": "a", "key": "b", "ca": "c", "verify": True}, "unknown 'verify'"),
+        ("tls", {"cert": 3, "key": "b", "ca": "c"}, "'tls.cert' must be a file path"),
+    ],
+)
+def test_bad_security_keys(key: str, value: Any, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config({**NEW_STYLE, key: value})
+
+
+def test_a_world_readable_secret_file_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("abc\n")
+    secret.chmod(0o644)
+    load_config({**NEW_STYLE, "auth": {"secret_file": str(secret)}})
+    assert "may be read by other users" in caplog.text
+    assert "abc" not in caplog.text

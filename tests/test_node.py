@@ -377,3 +377,35 @@ def test_wait_for_peers_returns_when_peers_are_up(make_cluster: Cluster) -> None
             starter.join()
             for node in late:
                 node.close()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_parameters_are_refused_by_default(
+    make_cluster: Cluster, caplog: pytest.LogCaptureFixture, bad: float
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dpwa")
+    with Node(make_cluster(2), "w1") as a, Node(a.config, "w2") as b:
+        poisoned = np.ones(1000, np.float32)
+        poisoned[777] = bad
+        a.update_send(poisoned, 1.0)
+        mine = np.zeros(1000, np.float32)
+        for _ in range(4):
+            b.update_send(mine, 1.0)
+            assert b.update_wait(1.0) is None
+        np.testing.assert_array_equal(mine, 0)
+        stats = b.stats()
+        assert stats["rejected_nonfinite"] == 4
+        assert stats["pulls_failed"] == 4
+        assert stats["scores"]["w1"] < 0.1
+        a.update_send(np.full(1000, 2.0, np.float32), 1.0)  # healthy again: used again
+        assert pull_until(b, mine).params[777] == 2.0
+    assert caplog.text.count("they contain NaN or Inf") == 1  # once per peer
+
+
+def test_nonfinite_parameters_pass_when_allowed(make_cluster: Cluster) -> None:
+    config = make_cluster(2, reject_nonfinite=False)
+    with Node(config, "w1") as a, Node(config, "w2") as b:
+        a.update_send(np.array([1.0, np.nan], np.float32), 1.0)
+        result = pull_until(b, np.zeros(2, np.float32))
+        assert np.isnan(result.params[1])
+        assert b.stats()["rejected_nonfinite"] == 0

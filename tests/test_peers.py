@@ -60,3 +60,14 @@ def test_add_remove_and_choose_empty() -> None:
         peers.add("z", "127.0.0.1", 70000)
     peers.remove("x")
     assert peers.names() == []
+
+
+def test_counts_report_each_peers_outcomes() -> None:
+    peers = table()
+    peers.record_success("a")
+    peers.record_failure("b")
+    peers.record_timeout("b")
+    counts = peers.counts()
+    assert counts["a"] == {"score": 1.0, "ok": 1, "failed": 0, "timed_out": 0}
+    assert counts["b"] == {"score": 0.125, "ok": 0, "failed": 1, "timed_out": 1}
+    assert counts["c"]["ok"] == counts["c"]["failed"] == 0

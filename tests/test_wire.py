@@ -150,3 +150,12 @@ def test_send_all_then_recv_exact_moves_a_large_buffer() -> None:
         recv_exact(b, memoryview(out), time.monotonic() + 5)
         t.join()
     assert out == payload
+
+
+@pytest.mark.parametrize(
+    "kind", [MessageType.AUTH_REQUIRED, MessageType.NO_AUTH, MessageType.TLS_REQUIRED]
+)
+def test_refusals_carry_no_payload(kind: MessageType) -> None:
+    assert decode_header(encode_header(kind)).type is kind
+    with pytest.raises(ProtocolError, match=f"{kind.name} carries no payload"):
+        decode_header(encode_header(kind, length=1))
