@@ -24,7 +24,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -117,7 +117,8 @@ class Adapter(abc.ABC):
             state: a model this adapter handles.
 
         Returns:
-            The :class:`Layout` with the framework's native tensor shapes.
+            The :class:`Layout` in dpwa's canonical shapes (docs/LAYOUT.md), so that the same
+            architecture has the same layout in every framework.
 
         Raises:
             AdapterError: ``state`` is not something this adapter handles.
@@ -180,6 +181,27 @@ class Adapter(abc.ABC):
         blended *= np.float32(1.0 - weight)
         blended += np.float32(weight) * peer
         return self.from_flat(state, blended)
+
+    def callback(self, gossip: Any, **options: Any) -> object:
+        """Return the framework's idiomatic training hook that drives ``gossip``.
+
+        Frameworks whose training loops take callbacks (Keras's ``model.fit``) override this;
+        :meth:`dpwa_core.connect.Gossip.callback` calls it.
+
+        Args:
+            gossip: the :class:`~dpwa_core.connect.Gossip` handle of the model.
+            **options: framework-specific options.
+
+        Returns:
+            The callback object.
+
+        Raises:
+            AdapterError: the framework has no callback mechanism (this default).
+        """
+        raise AdapterError(
+            f"the {type(self).__name__} ({self.framework_name}) has no training callback; call "
+            "gossip.update_send(loss) before each step and gossip.update_wait(loss) after it"
+        )
 
 
 def validate_flat(

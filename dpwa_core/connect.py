@@ -72,6 +72,24 @@ class Gossip(Generic[State]):
             self.state = self.adapter.interpolate(self.state, result.params, result.factor)
         return self.state
 
+    def callback(self, **options: Any) -> object:
+        """Return the framework's training callback that gossips around every batch.
+
+        For Keras: ``model.fit(x, y, callbacks=[gossip.callback()])`` publishes before each
+        batch and interpolates after it (see ``dpwa_tensorflow.GossipCallback`` for options).
+
+        Args:
+            **options: passed to the adapter's callback.
+
+        Returns:
+            The callback object.
+
+        Raises:
+            AdapterError: the framework has no callback mechanism; write the loop with
+                :meth:`update_send` and :meth:`update_wait` instead.
+        """
+        return self.adapter.callback(self, **options)
+
     def close(self) -> None:
         """Close the node: stop its threads and free its port."""
         self.node.close()
@@ -94,11 +112,13 @@ def connect(
     """Start a node for ``model`` and return the handle the training loop calls.
 
     Args:
-        model: the model or its state (a ``torch.nn.Module``, ...).
+        model: the model or its state: a ``torch.nn.Module``, a ``keras.Model``, or a pytree
+            of jax arrays (flax variables, a dict or list of arrays).
         config: a :class:`~dpwa_core.config.Config`, a YAML path, or a mapping.
         name: this node's name in the config; defaults to the ``DPWA_NODE`` environment variable.
-        framework: adapter name (``"torch"``, ``"pt"``, ...). None picks it from the model's
-            type, trying only frameworks that are already imported.
+        framework: adapter name (``"torch"``, ``"tensorflow"``/``"keras"``, ``"jax"``/``"flax"``,
+            ...). None picks it from the model's type, trying only frameworks that are
+            already imported.
         seed: seeds the node's random choices.
 
     Returns:

@@ -350,3 +350,8 @@ def test_importing_the_registry_imports_no_framework() -> None:
     assert report["after_listing"] == []
     assert "Tried: none" in report["error"]
     assert "pt/pytorch/torch (dpwa_torch:TorchAdapter)" in report["error"]
+
+
+def test_adapters_without_a_training_callback_say_how_to_gossip(list_adapter: type) -> None:
+    with pytest.raises(AdapterError, match=r"update_send\(loss\) before each step"):
+        get_adapter("pylist").callback(gossip=None)

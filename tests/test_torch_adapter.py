@@ -1,4 +1,8 @@
-"""The PyTorch adapter, on real torch models."""
+"""The PyTorch adapter, on real torch models.
+
+Shapes are dpwa's canonical ones (docs/LAYOUT.md): a Linear weight packs as ``(in, out)``, a
+Conv2d weight as HWIO, everything else as torch stores it.
+"""
 
 from __future__ import annotations
 
@@ -49,13 +53,13 @@ def conv_bn() -> nn.Module:
 
 
 CONV_BN_SHAPES = (
-    (4, 3, 3, 3),  # conv weight
+    (3, 3, 3, 4),  # conv weight, HWIO (torch stores OIHW)
     (4,),  # conv bias
     (4,),  # bn weight
     (4,),  # bn bias
     (4,),  # bn running_mean
     (4,),  # bn running_var  (num_batches_tracked is an integer: left out)
-    (2, 4),  # linear weight, torch's (out, in)
+    (4, 2),  # linear weight, (in, out) (torch stores (out, in))
     (2,),  # linear bias
 )
 
@@ -85,13 +89,27 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
         assert torch.equal(after[key], value), key
 
 
+def canonical(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
+    """A state_dict entry in the canonical layout, spelled out per layer type."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr == "weight" and isinstance(owner, nn.Linear):
+        return value.t()
+    if attr == "weight" and isinstance(owner, nn.Conv1d):
+        return value.permute(2, 1, 0)
+    if attr == "weight" and isinstance(owner, nn.Conv2d):
+        return value.permute(2, 3, 1, 0)
+    return value
+
+
 def reference_flat(model: nn.Module) -> np.ndarray:
     """What the buffer must hold, built independently of the adapter."""
     parts, seen = [], set()
-    for value in model.state_dict(keep_vars=True).values():
+    for key, value in model.state_dict(keep_vars=True).items():
         if value.is_floating_point() and id(value) not in seen:
             seen.add(id(value))
-            parts.append(value.detach().to("cpu", torch.float64).reshape(-1).numpy())
+            value = canonical(model, key, value.detach())
+            parts.append(value.to("cpu", torch.float64).contiguous().reshape(-1).numpy())
     return np.concatenate(parts).astype(np.float32)
 
 
@@ -104,11 +122,13 @@ def random_flat(size: int, seed: int = 1) -> np.ndarray:
 
 def test_mlp_layout_and_values(adapter: TorchAdapter) -> None:
     model = mlp()
-    assert adapter.layout(model).shapes == ((8, 5), (8,), (3, 8), (3,))
+    assert adapter.layout(model).shapes == ((5, 8), (8,), (8, 3), (3,))
     flat = adapter.to_flat(model)
     assert flat.dtype == np.float32 and flat.ndim == 1 and flat.flags.c_contiguous
     np.testing.assert_array_equal(flat, reference_flat(model))
-    np.testing.assert_array_equal(flat[:40], model[0].weight.detach().numpy().ravel())
+    # (in, out): the first 8 numbers are the weights from input 0 to each of the 8 outputs.
+    np.testing.assert_array_equal(flat[:8], model[0].weight.detach().numpy()[:, 0])
+    np.testing.assert_array_equal(flat[:40], model[0].weight.detach().numpy().T.ravel())
 
 
 def test_conv_batchnorm_layout_includes_running_stats(adapter: TorchAdapter) -> None:
@@ -152,6 +172,26 @@ def test_weights_tied_through_data_are_stored_once(adapter: TorchAdapter) -> Non
     assert adapter.layout(nn.Sequential(first, second)).shapes == ((3, 3),)
 
 
+def test_conv_weights_are_hwio_and_write_back(adapter: TorchAdapter) -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, (4, 5)), nn.Conv1d(3, 6, 2))
+    assert adapter.layout(model).shapes == ((4, 5, 2, 3), (3,), (2, 3, 6), (6,))
+    flat = adapter.to_flat(model)
+    weight = model[0].weight.detach().numpy()
+    np.testing.assert_array_equal(flat[:120].reshape(4, 5, 2, 3), weight.transpose(2, 3, 1, 0))
+    new = random_flat(flat.size)
+    adapter.from_flat(model, new)
+    np.testing.assert_array_equal(
+        model[0].weight.detach().numpy(), new[:120].reshape(4, 5, 2, 3).transpose(3, 2, 0, 1)
+    )
+    assert model[0].weight.is_contiguous()  # written in place, torch's own strides kept
+    np.testing.assert_array_equal(adapter.to_flat(model), new)
+
+
+def test_transposed_convolutions_keep_torch_shapes(adapter: TorchAdapter) -> None:
+    model = nn.ConvTranspose2d(2, 3, 4)
+    assert adapter.layout(model).shapes == ((2, 3, 4, 4), (3,))
+
+
 def test_embedding_layout(adapter: TorchAdapter) -> None:
     model = nn.Embedding(7, 3)
     assert adapter.layout(model).shapes == ((7, 3),)
@@ -164,7 +204,7 @@ def test_order_is_creation_order_not_name_order(adapter: TorchAdapter) -> None:
         model.add_module(f"layer{index}", nn.Linear(index, index + 1))
     expected = []
     for index in range(1, 13):
-        expected += [(index + 1, index), (index + 1,)]
+        expected += [(index, index + 1), (index + 1,)]
     assert adapter.layout(model).shapes == tuple(expected)
     assert sorted(model.state_dict()) != list(model.state_dict())  # the names sort differently
 
@@ -174,7 +214,7 @@ def test_order_is_creation_order_not_name_order(adapter: TorchAdapter) -> None:
             self.zeta = nn.Linear(2, 3, bias=False)
             self.alpha = nn.Linear(3, 4, bias=False)
 
-    assert adapter.layout(ZetaFirst()).shapes == ((3, 2), (4, 3))
+    assert adapter.layout(ZetaFirst()).shapes == ((2, 3), (3, 4))
 
 
 def test_scalar_and_non_contiguous_parameters(adapter: TorchAdapter) -> None:
@@ -395,16 +435,16 @@ def test_replaced_parameter_is_picked_up(adapter: TorchAdapter) -> None:
     np.testing.assert_array_equal(adapter.to_flat(model)[:40], np.full(40, 7.0, np.float32))
     flat = random_flat(adapter.layout(model).size)
     adapter.from_flat(model, flat)
-    np.testing.assert_array_equal(model[0].weight.detach().numpy().ravel(), flat[:40])
+    np.testing.assert_array_equal(model[0].weight.detach().numpy().T.ravel(), flat[:40])
 
 
 def test_replaced_layer_changes_the_layout(adapter: TorchAdapter) -> None:
     model = mlp()
     assert adapter.layout(model).size == 75
     model[2] = nn.Linear(8, 5)
-    assert adapter.layout(model).shapes == ((8, 5), (8,), (5, 8), (5,))
+    assert adapter.layout(model).shapes == ((5, 8), (8,), (8, 5), (5,))
     model[0].weight.data = torch.zeros(8, 6)
-    assert adapter.layout(model).shapes[0] == (8, 6)
+    assert adapter.layout(model).shapes[0] == (6, 8)
 
 
 def test_cache_does_not_keep_models_alive(adapter: TorchAdapter) -> None:
@@ -419,15 +459,22 @@ def test_cache_does_not_keep_models_alive(adapter: TorchAdapter) -> None:
 # --- state_dict input --------------------------------------------------------------------------
 
 
-def test_state_dict_works_like_its_module(adapter: TorchAdapter) -> None:
+def test_state_dict_is_packed_with_its_own_shapes(adapter: TorchAdapter) -> None:
+    # A dict does not say which tensor is a Linear or Conv weight: shapes are taken as they are.
     model = conv_bn()
     state = model.state_dict()
     assert adapter.handles(state)
-    assert adapter.layout(state) == adapter.layout(model)
-    np.testing.assert_array_equal(adapter.to_flat(state), adapter.to_flat(model))
+    assert adapter.layout(state).shapes == tuple(
+        tuple(v.shape) for v in state.values() if v.is_floating_point()
+    )
+    assert adapter.layout(state).size == adapter.layout(model).size
+    native = np.concatenate([v.numpy().ravel() for v in state.values() if v.is_floating_point()])
+    np.testing.assert_array_equal(adapter.to_flat(state), native)
     flat = random_flat(adapter.layout(model).size)
     assert adapter.from_flat(state, flat) is state
-    np.testing.assert_array_equal(adapter.to_flat(model), flat)  # shares the model's memory
+    np.testing.assert_array_equal(model[0].weight.detach().numpy().ravel(), flat[:108])
+    # Shares the model's memory: the module sees the values, in its canonical order.
+    np.testing.assert_array_equal(adapter.to_flat(state), flat)
 
 
 def test_handles_only_torch_objects(adapter: TorchAdapter) -> None:

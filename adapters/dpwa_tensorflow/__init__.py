@@ -1,1 +1,218 @@
-"""dpwa adapter for Keras 3 models on the TensorFlow backend."""
+"""dpwa adapter for Keras 3 models on the TensorFlow backend.
+
+Importing this package imports keras (and so tensorflow); ``dpwa_core`` loads it only when asked
+for ``"tensorflow"`` (or its aliases ``"tf"``, ``"keras"``) or when keras or tensorflow is
+already imported and a model is passed to detection.
+
+What goes into the buffer: every floating-point variable of ``model.weights``, in that order
+(layers in creation order, each layer's variables in creation order), each variable once.
+That includes BatchNormalization's moving mean and variance (non-trainable weights) and leaves
+out integer variables (seed generator states, counters) and the optimizer's variables. Shapes are
+Keras's own, which are dpwa's canonical layout: a Dense kernel is ``(in, out)``, a Conv2D kernel
+HWIO (see docs/LAYOUT.md).
+
+The idiomatic way to train is a callback::
+
+    gossip = dpwa_core.connect(model, "cluster.yaml", "w1")
+    model.fit(x, y, callbacks=[gossip.callback()])   # or GossipCallback(gossip)
+
+Example:
+    >>> import keras
+    >>> from dpwa_core.adapters import get_adapter
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> adapter = get_adapter("keras")
+    >>> adapter.layout(model).shapes
+    ((3, 2), (2,))
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+
+from dpwa_core.adapters import Adapter, FlatArray, StateT, validate_factor, validate_flat
+from dpwa_core.errors import AdapterError
+from dpwa_core.layout import Layout
+from dpwa_tensorflow.callback import GossipCallback
+
+__all__ = ["GossipCallback", "KerasAdapter"]
+
+
+class KerasAdapter(Adapter):
+    """Maps a Keras 3 model (any ``keras.Layer``) to a flat float32 buffer and back, in place.
+
+    Writes go into the model's own variables with ``Variable.assign``; variables of other
+    floating dtypes (float16, bfloat16, float64) are converted to and from float32.
+
+    Example:
+        >>> import keras
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
+        >>> KerasAdapter().layout(model).shapes  # gamma, beta, moving mean, moving variance
+        ((4,), (4,), (4,), (4,))
+    """
+
+    framework_name: ClassVar[str] = "keras"
+    install_hint: ClassVar[str] = "pip install 'dpwa[tensorflow]'"
+
+    def handles(self, state: object) -> bool:
+        """Tell whether ``state`` is a Keras model or layer.
+
+        Args:
+            state: any object.
+
+        Returns:
+            True for instances of ``keras.Layer`` (``keras.Model`` included).
+        """
+        return isinstance(state, keras.Layer)
+
+    def layout(self, state: object) -> Layout:
+        """Return the shapes of the model's floating-point weights, in ``model.weights`` order.
+
+        Args:
+            state: a built Keras model or layer.
+
+        Returns:
+            The layout, in Keras's shapes (which are the canonical ones).
+
+        Raises:
+            AdapterError: ``state`` is not a Keras layer, or it has no weights yet.
+        """
+        return Layout(tuple(v.shape) for v in _variables(state))
+
+    def to_flat(self, state: object, out: FlatArray | None = None) -> FlatArray:
+        """Copy the model's floating-point weights into one float32 vector.
+
+        Args:
+            state: a built Keras model or layer.
+            out: optional writable, C-contiguous float32 array of ``layout(state).size``
+                elements to fill instead of allocating one.
+
+        Returns:
+            ``out`` when given, else a new array.
+
+        Raises:
+            AdapterError: ``out`` does not fit, or ``state`` is not handled.
+        """
+        variables = _variables(state)
+        layout = Layout(tuple(v.shape) for v in variables)
+        if out is None:
+            out = np.empty(layout.size, dtype=np.float32)
+        else:
+            validate_flat(out, layout, name="out", writable=True)
+        start = 0
+        for variable in variables:
+            stop = start + int(np.prod(variable.shape, dtype=np.int64))
+            np.copyto(
+                out[start:stop].reshape(variable.shape),
+                _read(variable),
+                casting="unsafe",
+            )
+            start = stop
+        return out
+
+    def from_flat(self, state: StateT, flat: FlatArray) -> StateT:
+        """Write a flat vector into the model's variables, in place.
+
+        Args:
+            state: a built Keras model or layer.
+            flat: 1-D float32 array of ``layout(state).size`` elements.
+
+        Returns:
+            ``state`` itself, updated.
+
+        Raises:
+            AdapterError: ``flat`` has the wrong type, dtype, shape or size; nothing is written.
+        """
+        variables = _variables(state)
+        validate_flat(flat, Layout(tuple(v.shape) for v in variables))
+        start = 0
+        for variable in variables:
+            stop = start + int(np.prod(variable.shape, dtype=np.int64))
+            variable.assign(_cast(flat[start:stop].reshape(variable.shape), variable))
+            start = stop
+        return state
+
+    def interpolate(self, state: StateT, peer: FlatArray, factor: float) -> StateT:
+        """Blend a peer's vector in place, variable by variable: ``v = (1 - f) v + f peer``.
+
+        Args:
+            state: a built Keras model or layer.
+            peer: the peer's 1-D float32 vector of ``layout(state).size`` elements.
+            factor: how much of the peer to take, in ``[0, 1]``.
+
+        Returns:
+            ``state`` itself, updated.
+
+        Raises:
+            AdapterError: ``peer`` or ``factor`` is invalid; nothing is written.
+        """
+        variables = _variables(state)
+        validate_flat(peer, Layout(tuple(v.shape) for v in variables), name="peer")
+        weight = validate_factor(factor)
+        keep, take = np.float32(1.0 - weight), np.float32(weight)
+        start = 0
+        for variable in variables:
+            stop = start + int(np.prod(variable.shape, dtype=np.int64))
+            current = np.asarray(_read(variable), dtype=np.float32)
+            blended = current * keep
+            blended += take * peer[start:stop].reshape(variable.shape)
+            variable.assign(_cast(blended, variable))
+            start = stop
+        return state
+
+    def callback(self, gossip: Any, **options: Any) -> GossipCallback:
+        """Return a Keras callback that gossips once per training batch.
+
+        Args:
+            gossip: the :class:`~dpwa_core.connect.Gossip` handle of this model.
+            **options: passed to :class:`GossipCallback` (e.g. ``samples_per_batch``).
+
+        Returns:
+            The callback, for ``model.fit(..., callbacks=[...])``.
+        """
+        return GossipCallback(gossip, **options)
+
+
+def _variables(state: object) -> list[Any]:
+    """The floating-point variables of ``state`` in buffer order, each once."""
+    if not isinstance(state, keras.Layer):
+        raise AdapterError(
+            "The keras adapter expects a keras.Model or keras.Layer, got "
+            f"{type(state).__module__}.{type(state).__qualname__}"
+        )
+    found: list[Any] = []
+    seen: set[int] = set()
+    for variable in state.weights:
+        if id(variable) in seen or not _is_float(variable.dtype):
+            continue
+        seen.add(id(variable))
+        found.append(variable)
+    if not found:
+        raise AdapterError(
+            f"the Keras model {state.name!r} has no floating-point weights yet; build it first "
+            "(give it a keras.Input, or call model.build(input_shape) or the model once)"
+        )
+    return found
+
+
+def _read(variable: Any) -> np.ndarray:
+    """The variable's value as a numpy array, without a copy where the backend allows it."""
+    value = variable.value
+    numpy = getattr(value, "numpy", None)  # tf.Variable: a CPU read shares the tensor's memory
+    if callable(numpy):
+        return np.asarray(numpy())
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def _is_float(dtype: Any) -> bool:
+    return str(dtype) in {"float16", "bfloat16", "float32", "float64"}
+
+
+def _cast(values: np.ndarray, variable: Any) -> np.ndarray:
+    """``values`` in the variable's dtype (bfloat16 through ml_dtypes, as keras does)."""
+    dtype = str(variable.dtype)
+    if dtype == "float32":
+        return values
+    return np.asarray(values).astype(keras.backend.standardize_dtype(dtype))

@@ -5,9 +5,11 @@ Importing this package imports torch; ``dpwa_core`` loads it only when asked for
 passed to detection.
 
 What goes into the buffer: every floating-point parameter and persistent buffer, in
-``model.state_dict()`` order, each tensor once (see :mod:`dpwa_torch._plan`). Tensors of any
-floating dtype and on any device are converted to float32 on the CPU on the way out and back to
-their own dtype and device on the way in.
+``model.state_dict()`` order, each tensor once, in dpwa's canonical layout (docs/LAYOUT.md):
+``Linear`` weights as ``(in, out)`` and ``Conv2d`` weights as HWIO, like Keras and Flax, so a
+PyTorch node can average with a Keras or JAX node of the same architecture (see
+:mod:`dpwa_torch._plan`). Tensors of any floating dtype and on any device are converted to
+float32 on the CPU on the way out and back to their own dtype and device on the way in.
 
 Example:
     >>> import torch
@@ -16,7 +18,7 @@ Example:
     >>> adapter = get_adapter("torch")
     >>> flat = adapter.to_flat(model)
     >>> flat.shape, adapter.layout(model).shapes
-    ((8,), ((2, 3), (2,)))
+    ((8,), ((3, 2), (2,)))
     >>> adapter.from_flat(model, flat * 0) is model
     True
 """
@@ -48,6 +50,8 @@ class TorchAdapter(Adapter):
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
         >>> list(adapter.layout(model).shapes)
         [(4, 4), (4,), (4,), (4,), (4,), (4,)]
+        >>> adapter.layout(torch.nn.Conv2d(3, 8, 5)).shapes  # HWIO, as in Keras and Flax
+        ((5, 5, 3, 8), (8,))
     """
 
     framework_name: ClassVar[str] = "torch"
@@ -71,7 +75,8 @@ class TorchAdapter(Adapter):
             state: a module or a dict of tensors.
 
         Returns:
-            The layout, with torch's native shapes (a Linear weight is ``(out, in)``).
+            The layout in canonical shapes: a Linear weight is ``(in, out)``, a Conv2d
+            weight ``(H, W, I, O)``; a plain dict of tensors keeps its tensors' shapes.
 
         Raises:
             AdapterError: ``state`` is not handled, or holds meta or sparse tensors.
@@ -100,7 +105,8 @@ class TorchAdapter(Adapter):
         target = torch.from_numpy(out)
         with torch.no_grad():
             for tensor, start, stop, shape in plan.slices():
-                # One copy per tensor: copy_ converts the dtype and moves it off the GPU.
+                # One copy per tensor: copy_ converts the dtype, moves it off the GPU and reads
+                # a permuted (canonical) view straight into the slice.
                 target[start:stop].view(shape).copy_(tensor)
         return out
 
@@ -120,8 +126,8 @@ class TorchAdapter(Adapter):
         plan = plan_for(state)
         source = _as_tensor(validate_flat(flat, plan.layout))
         with torch.no_grad():
-            for tensor, start, stop, shape in plan.slices():
-                tensor.copy_(source[start:stop].view(shape))
+            for tensor, start, stop, shape, inverse in plan.native_slices():
+                tensor.copy_(_native_view(source[start:stop], shape, inverse))
         return state
 
     def interpolate(self, state: StateT, peer: FlatArray, factor: float) -> StateT:
@@ -142,12 +148,20 @@ class TorchAdapter(Adapter):
         source = _as_tensor(validate_flat(peer, plan.layout, name="peer"))
         weight = validate_factor(factor)
         with torch.no_grad():
-            for tensor, start, stop, shape in plan.slices():
-                end = source[start:stop].view(shape)
+            for tensor, start, stop, shape, inverse in plan.native_slices():
+                end = _native_view(source[start:stop], shape, inverse)
                 if end.dtype != tensor.dtype or end.device != tensor.device:
                     end = end.to(device=tensor.device, dtype=tensor.dtype)
                 tensor.lerp_(end, weight)
         return state
+
+
+def _native_view(
+    part: torch.Tensor, shape: tuple[int, ...], inverse: tuple[int, ...] | None
+) -> torch.Tensor:
+    """A flat slice seen in torch's own dimension order (a view, never a copy)."""
+    canonical = part.view(shape)
+    return canonical if inverse is None else canonical.permute(inverse)
 
 
 def _as_tensor(flat: FlatArray) -> torch.Tensor:

@@ -21,6 +21,8 @@ __all__ = ["TRAINERS", "Trainer", "make_trainer"]
 
 TRAINERS: dict[str, str] = {
     "torch": "dpwa_demo.trainers.torch_trainer:TorchTrainer",
+    "tensorflow": "dpwa_demo.trainers.keras_trainer:KerasTrainer",
+    "jax": "dpwa_demo.trainers.jax_trainer:JaxTrainer",
 }
 """Framework name -> ``module:Class`` of its trainer, imported only when asked for."""
 

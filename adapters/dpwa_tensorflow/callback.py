@@ -1,0 +1,82 @@
+"""A Keras callback that gossips once per training batch.
+
+``on_train_batch_begin`` publishes the model (``update_send``) before the step and
+``on_train_batch_end`` pulls and interpolates (``update_wait``) after it, the same rhythm as a
+PyTorch loop.
+
+Which loss is reported: Keras 3 puts the *running mean* of the loss since the start of the
+epoch into ``logs["loss"]``, not the loss of the batch. The callback recovers the batch loss from
+two consecutive running means (``(b + 1) * mean_b - b * mean_(b-1)`` for batch ``b``), which is
+exact when the batches carry equal weight (every batch but a smaller last one) and otherwise
+close. ``update_send`` before a batch reports the previous batch's loss (the first batch of
+training reports ``initial_loss``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+
+__all__ = ["GossipCallback"]
+
+
+class GossipCallback(keras.callbacks.Callback):  # type: ignore[misc]
+    """Gossip around every training batch of ``model.fit``.
+
+    Args:
+        gossip: the :class:`~dpwa_core.connect.Gossip` handle of the model being fitted
+            (``dpwa_core.connect(model, ...)``).
+        samples_per_batch: how far the node's clock advances per batch; pass the batch size
+            to count samples, as the PyTorch examples do (default 1: count batches).
+        initial_loss: the loss reported with the very first ``update_send``, before any batch
+            has a loss.
+
+    Example:
+        >>> gossip = dpwa_core.connect(model, "cluster.yaml", "w1")        # doctest: +SKIP
+        >>> model.fit(x, y, batch_size=32,                                 # doctest: +SKIP
+        ...           callbacks=[GossipCallback(gossip, samples_per_batch=32)])
+    """
+
+    def __init__(self, gossip: Any, samples_per_batch: int = 1, initial_loss: float = 1.0) -> None:
+        super().__init__()
+        if not isinstance(samples_per_batch, int) or samples_per_batch < 1:
+            raise ValueError(f"samples_per_batch must be a positive int, got {samples_per_batch!r}")
+        self.gossip = gossip
+        """The gossip handle the callback drives."""
+        self.samples_per_batch = samples_per_batch
+        """Clock advance per batch."""
+        self.batch_loss = float(initial_loss)
+        """The loss of the last finished batch (recovered from Keras's running mean)."""
+        self._last_batch = -1
+        self._last_mean = 0.0
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Publish the model before the step, with the previous batch's loss."""
+        self.gossip.update_send(self.batch_loss, samples=self.samples_per_batch)
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Pull a peer's model and interpolate it into this one, with this batch's loss."""
+        mean = _loss_of(logs)
+        if mean is not None:
+            if batch <= self._last_batch:  # a new epoch: Keras restarted its running mean
+                self._last_batch, self._last_mean = -1, 0.0
+            steps = batch - self._last_batch
+            loss = ((batch + 1) * mean - (self._last_batch + 1) * self._last_mean) / steps
+            self.batch_loss = loss if math.isfinite(loss) else mean
+            self._last_batch, self._last_mean = batch, mean
+        self.gossip.update_wait(self.batch_loss)
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Restart the running-mean bookkeeping with Keras's."""
+        self._last_batch, self._last_mean = -1, 0.0
+
+
+def _loss_of(logs: dict[str, Any] | None) -> float | None:
+    if not logs or "loss" not in logs:
+        return None
+    try:
+        return float(logs["loss"])
+    except (TypeError, ValueError):
+        return None
