@@ -40,7 +40,7 @@ from dpwa_core.errors import ConfigError, PluginError
 from dpwa_core.hookspec import Strategy
 from dpwa_core.tls import TlsSettings, server_context
 
-__all__ = ["NODE_ENV", "Config", "NodeSpec", "load_config"]
+__all__ = ["NODE_ENV", "TRANSPORTS", "WIRE_DTYPES", "Config", "NodeSpec", "load_config"]
 
 NODE_ENV = "DPWA_NODE"
 """Environment variable naming this process's node when no name is passed."""
@@ -51,7 +51,13 @@ _SETTINGS = (
     "interpolation",
     "divergence_threshold",
     "reject_nonfinite",
+    "transport",
+    "wire_dtype",
 )
+TRANSPORTS = ("auto", "tcp", "shm")
+"""Values of ``transport``: shared memory with co-located peers when possible, or one path."""
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+"""Values of ``wire_dtype``: the element type this node sends parameters as over TCP."""
 _TOP_LEVEL = ("nodes", *_SETTINGS, "auth", "tls")
 _AUTH_KEYS = ("secret_env", "secret_file")
 _TLS_KEYS = ("cert", "key", "ca", "check_hostname")
@@ -95,6 +101,9 @@ class Config:
         divergence_threshold: loss at which models diverge on purpose; 0 disables.
         methods: options per strategy name, e.g. ``{"constant": {"value": 0.5}}``.
         reject_nonfinite: refuse received parameters that hold NaN or Inf.
+        transport: ``auto`` (shared memory with peers on this host, TCP otherwise), ``tcp``
+            or ``shm`` (shared memory only; peers elsewhere cannot be pulled).
+        wire_dtype: ``float32``, ``float16`` or ``bfloat16``: what this node sends over TCP.
         auth: the shared secret every connection must prove, or None (trusted networks only).
         tls: certificate, key and CA for mutual TLS, or None for plain TCP.
         source: where the config came from, for error messages; not compared.
@@ -111,6 +120,8 @@ class Config:
     # Not hashed: sections may hold lists. Equal configs still hash equal without them.
     methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     reject_nonfinite: bool = True
+    transport: str = "auto"
+    wire_dtype: str = "float32"
     auth: AuthSettings | None = None
     tls: TlsSettings | None = None
     source: str = field(default="<mapping>", compare=False)
@@ -126,6 +137,10 @@ class Config:
             raise self._error(
                 "reject_nonfinite", f"must be true or false, got {self.reject_nonfinite!r}"
             )
+        for key, allowed in (("transport", TRANSPORTS), ("wire_dtype", WIRE_DTYPES)):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise self._error(key, f"must be one of {', '.join(allowed)}; got {value!r}")
         if self.auth is not None and not isinstance(self.auth, AuthSettings):
             raise self._error("auth", f"must be an AuthSettings, got {self.auth!r}")
         if self.tls is not None:

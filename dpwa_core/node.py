@@ -30,14 +30,17 @@ from typing import Any
 
 import numpy as np
 
+from dpwa_core import shm
 from dpwa_core._log import get_logger
 from dpwa_core.config import Config, load_config
 from dpwa_core.layout import Layout
 from dpwa_core.peers import PeerTable
 from dpwa_core.puller import Outcome, Puller, Ticket
 from dpwa_core.server import Server
+from dpwa_core.shm import SharedSegment
 from dpwa_core.snapshot import SnapshotBuffer
 from dpwa_core.tls import client_context, server_context
+from dpwa_core.wire_dtype import wire_dtype
 
 __all__ = ["Node", "PullResult"]
 
@@ -133,6 +136,7 @@ class Node:
             self.config.timeout,
             secret=self._secret,
             tls=server_context(tls, self.config.source) if tls else None,
+            wire_dtype=wire_dtype(self.config.wire_dtype),
         )
         if layout is not None:
             try:
@@ -290,7 +294,8 @@ class Node:
             ``bytes_in``, ``bytes_out``, ``rejected`` (connections refused for a bad request, a
             failed handshake or a timeout), ``rejected_nonfinite`` (peers' answers refused for
             holding NaN or Inf), ``evicted`` (idle connections closed to make room),
-            ``connections`` (open now), ``snapshots_skipped``,
+            ``connections`` (open now), ``snapshots_skipped``, ``pulls_shm`` and
+            ``served_shm`` (pulls and answers through shared memory, counted in the totals too),
             ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock``,
             ``scores`` (each peer's flow-control score) and ``peers`` (per peer: ``score`` and
             its ``ok``, ``failed`` and ``timed_out`` pull counts).
@@ -306,6 +311,8 @@ class Node:
         stats["evicted"] = self._server.evicted
         stats["connections"] = self._server.connections
         stats["bytes_in"] = self._puller.bytes_in if self._puller else 0
+        stats["pulls_shm"] = self._puller.pulls_shm if self._puller else 0
+        stats["served_shm"] = self._server.served_shm
         stats["snapshots_skipped"] = self._snapshots.skipped if self._snapshots else 0
         stats["clock"] = self.clock
         stats["scores"] = self._peers.scores()
@@ -321,6 +328,8 @@ class Node:
         self._server.close()
         if self._puller is not None:
             self._puller.close(timeout=0.5)
+        if self._snapshots is not None:
+            self._snapshots.close()
         _log.info("%s closed", self.name)
 
     def __enter__(self) -> Node:
@@ -335,7 +344,7 @@ class Node:
 
     def _start(self, layout: Layout) -> None:
         self._layout = layout
-        self._snapshots = SnapshotBuffer(layout.size)
+        self._snapshots = SnapshotBuffer(layout.size, self._shared_segment(layout))
         self._puller = Puller(
             self.name,
             self._peers,
@@ -343,8 +352,24 @@ class Node:
             secret=self._secret,
             tls=self._client_tls,
             reject_nonfinite=self.config.reject_nonfinite,
+            transport=self.config.transport,
         )
         self._server.set_source(layout, self._snapshots)
+
+    def _shared_segment(self, layout: Layout) -> SharedSegment | None:
+        """The segment for the snapshots when co-located peers may read them, else None."""
+        if self.config.transport == "tcp" or not shm.available():
+            return None
+        try:
+            return SharedSegment.create(layout.size, layout.shape_hash)
+        except OSError as exc:
+            _log.warning(
+                "%s: cannot create shared memory for %s (%s); co-located peers pull over TCP",
+                self.name,
+                layout.describe(),
+                exc,
+            )
+            return None
 
     def _update_send(
         self, size: int, fill: Callable[[np.ndarray], object], loss: float, samples: int

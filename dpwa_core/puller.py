@@ -6,6 +6,13 @@ it) and receives the answer straight into one preallocated buffer. Whoever resol
 first wins: a pull that finishes after its deadline is dropped, never delivered late. A new
 connection is opened with TLS and the shared-secret handshake when the config asks for them,
 and an answer holding NaN or Inf is refused unless the config allows it.
+
+With ``transport: auto`` (the default) every PULL offers to read the answer from shared memory.
+A co-located peer that keeps its snapshots there answers with the slot's address; the puller maps
+the peer's segment once, copies the slot, and checks the slot's sequence counter after the copy.
+A torn copy (the peer overwrote the slot meanwhile) is asked again over TCP. A peer whose segment
+cannot be mapped here (it runs on another host) is pulled over TCP from then on. Answers sent in
+a narrower wire dtype are converted back to float32 chunk by chunk as they arrive.
 """
 
 from __future__ import annotations
@@ -26,7 +33,20 @@ from dpwa_core.auth import client_handshake
 from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.peers import Peer, PeerTable
-from dpwa_core.wire import HEADER, MessageType, decode_header, encode_header, recv_exact, send_all
+from dpwa_core.shm import SharedSegment
+from dpwa_core.wire import (
+    FLAG_SHM,
+    HEADER,
+    SHM_ANSWER,
+    Header,
+    MessageType,
+    ShmAnswer,
+    decode_header,
+    encode_header,
+    recv_exact,
+    send_all,
+)
+from dpwa_core.wire_dtype import CHUNK_ELEMENTS, WireDType, decode_into
 
 __all__ = ["Outcome", "Puller", "Ticket", "all_finite"]
 
@@ -97,6 +117,7 @@ class Puller:
         secret: the shared secret to prove on every new connection, or None.
         tls: a client TLS context to wrap every new connection in, or None.
         reject_nonfinite: refuse answers whose parameters hold NaN or Inf.
+        transport: ``auto``, ``tcp`` or ``shm`` (see :class:`~dpwa_core.config.Config`).
     """
 
     def __init__(
@@ -108,8 +129,18 @@ class Puller:
         secret: bytes | None = None,
         tls: ssl.SSLContext | None = None,
         reject_nonfinite: bool = True,
+        transport: str = "auto",
     ) -> None:
         self.name = name
+        self.transport = transport
+        self.pulls_shm = 0
+        """Pulls copied from a co-located peer's shared memory."""
+        self.torn_shm = 0
+        """Shared-memory copies the peer overwrote meanwhile (then pulled over TCP)."""
+        self._segments: dict[str, SharedSegment] = {}
+        self._no_shm: set[tuple[str, int]] = set()  # peers whose segments are not on this host
+        self._shm_payload = memoryview(bytearray(SHM_ANSWER.size))
+        self._scratch: np.ndarray | None = None
         self.layout = layout
         self._secret = secret
         self._tls = tls
@@ -152,6 +183,9 @@ class Puller:
                 ticket.resolve(Outcome.FAILED)
         for conn, _ in list(self._conns.values()):
             conn.close()
+        for segment in self._segments.values():
+            segment.close()
+        self._segments.clear()
 
     def _pull(self, ticket: Ticket) -> None:
         if time.monotonic() >= ticket.deadline:
@@ -208,22 +242,62 @@ class Puller:
 
     def _exchange(self, peer: Peer, ticket: Ticket) -> tuple[float, float]:
         """Send PULL, receive the answer; returns the peer's (clock, loss)."""
+        offer_shm = self.transport != "tcp" and peer.address not in self._no_shm
+        conn = self._request(peer, ticket, FLAG_SHM if offer_shm else 0)
+        for _ in range(3):
+            header = decode_header(self._header)
+            self._check_answer(conn, header, ticket.deadline)
+            if header.type is MessageType.PARAMS:
+                self._receive_params(conn, header, ticket.deadline)
+                break
+            # SHM_PARAMS: only ever sent to a PULL that offered shared memory.
+            if not offer_shm:
+                raise ProtocolError("got SHM_PARAMS in answer to a PULL that did not offer it")
+            recv_exact(conn, self._shm_payload, ticket.deadline)
+            self.bytes_in += HEADER.size + SHM_ANSWER.size
+            if self._read_shm(peer, ShmAnswer.decode(self._shm_payload)):
+                self.pulls_shm += 1
+                break
+            # Torn or not mappable here: ask again, over TCP unless shared memory is required.
+            offer_shm = self.transport == "shm"
+            request = self._encode_request(ticket, FLAG_SHM if offer_shm else 0)
+            send_all(conn, request, ticket.deadline)
+            recv_exact(conn, self._header, ticket.deadline)
+        else:
+            raise ProtocolError("the peer's shared-memory snapshot was overwritten during 3 copies")
+        if self.reject_nonfinite and not all_finite(self.buffer):
+            raise _NonFinite
+        return header.clock, header.loss
+
+    def _encode_request(self, ticket: Ticket, flags: int) -> bytes:
         size, shape_hash = self.layout.fingerprint
-        request = encode_header(
-            MessageType.PULL, clock=ticket.clock, loss=ticket.loss, size=size, shape_hash=shape_hash
+        return encode_header(
+            MessageType.PULL,
+            clock=ticket.clock,
+            loss=ticket.loss,
+            size=size,
+            shape_hash=shape_hash,
+            flags=flags,
         )
+
+    def _request(self, peer: Peer, ticket: Ticket, flags: int) -> socket.socket:
+        """Send PULL and receive the answer's header; returns the connection."""
+        request = self._encode_request(ticket, flags)
         for attempt in range(2):
             conn, fresh = self._connection(peer, ticket.deadline)
             try:
                 send_all(conn, request, ticket.deadline)
                 recv_exact(conn, self._header, ticket.deadline)
-                break
+                return conn
             except ConnectionError:
                 self._close(peer.name)
                 # A kept-alive socket the peer dropped (restart, idle close): retry once, fresh.
                 if fresh or attempt:
                     raise
-        header = decode_header(self._header)
+        raise AssertionError("unreachable")
+
+    def _check_answer(self, conn: socket.socket, header: Header, deadline: float) -> None:
+        """Raise unless ``header`` announces parameters for our layout."""
         if header.type is MessageType.NOT_READY:
             raise _NotReady
         if header.type is MessageType.TLS_REQUIRED:
@@ -238,19 +312,54 @@ class Puller:
             )
         if header.type is MessageType.LAYOUT_MISMATCH:
             text = bytearray(header.length)  # bounded by MAX_TEXT_PAYLOAD in decode_header
-            recv_exact(conn, memoryview(text), ticket.deadline)
+            recv_exact(conn, memoryview(text), deadline)
             theirs = text.decode("utf-8", "replace")
             raise ProtocolError(f"layout mismatch: ours {self.layout.describe()}; theirs {theirs}")
-        if header.type is not MessageType.PARAMS:
+        if header.type not in (MessageType.PARAMS, MessageType.SHM_PARAMS):
             raise ProtocolError(f"expected PARAMS, got {header.type.name}")
-        if (header.size, header.shape_hash) != (size, shape_hash):
+        if (header.size, header.shape_hash) != self.layout.fingerprint:
             theirs = describe_fingerprint(header.size, header.shape_hash)
             raise ProtocolError(f"layout mismatch: ours {self.layout.describe()}; theirs {theirs}")
-        recv_exact(conn, self._payload, ticket.deadline)
-        self.bytes_in += HEADER.size + self.layout.nbytes
-        if self.reject_nonfinite and not all_finite(self.buffer):
-            raise _NonFinite
-        return header.clock, header.loss
+
+    def _receive_params(self, conn: socket.socket, header: Header, deadline: float) -> None:
+        """Receive a PARAMS payload into the buffer, converting a narrower wire dtype."""
+        if header.dtype is WireDType.FLOAT32:
+            recv_exact(conn, self._payload, deadline)
+        else:
+            if self._scratch is None:
+                self._scratch = np.empty(CHUNK_ELEMENTS * 2, np.uint8)
+            decode_into(
+                lambda view: recv_exact(conn, view, deadline),
+                header.dtype,
+                self.buffer,
+                self._scratch,
+            )
+        self.bytes_in += HEADER.size + header.length
+
+    def _read_shm(self, peer: Peer, answer: ShmAnswer) -> bool:
+        """Copy the peer's announced slot into the buffer; False when torn or not mappable."""
+        segment = self._segments.get(peer.name)
+        if segment is None or (segment.name, segment.token) != (answer.name, answer.token):
+            if segment is not None:  # the peer restarted with a new segment
+                segment.close()
+                del self._segments[peer.name]
+            size, shape_hash = self.layout.fingerprint
+            try:
+                segment = SharedSegment.attach(answer.name, answer.token, size, shape_hash)
+            except (OSError, ValueError) as exc:
+                if self.transport == "shm":
+                    raise ProtocolError(
+                        f"transport is 'shm' but {peer.name}'s shared memory cannot be read "
+                        f"here ({exc}); is it on another host? Use transport: auto"
+                    ) from None
+                self._no_shm.add(peer.address)
+                _log.info("%s: pulling %s over TCP: %s", self.name, peer.name, exc)
+                return False
+            self._segments[peer.name] = segment
+        if segment.read(answer.slot, answer.sequence, self.buffer) is None:
+            self.torn_shm += 1
+            return False
+        return True
 
     def _connection(self, peer: Peer, deadline: float) -> tuple[socket.socket, bool]:
         """The kept-alive connection to ``peer``, or a new one; True when new."""

@@ -4,6 +4,10 @@ One listener thread accepts connections; each connection gets a thread that wait
 requests and answers them from the pinned snapshot, so a slow peer only slows its own
 connection. Connections are persistent: a peer sends the next PULL on the same socket.
 
+Parameters go out in the node's ``wire_dtype``, converted chunk by chunk as they are sent. A
+PULL flagged :data:`~dpwa_core.wire.FLAG_SHM` from a co-located peer is answered with where the
+pinned snapshot sits in shared memory instead (when the node keeps its snapshots there).
+
 A new connection must finish its opening (TLS handshake when configured, the shared-secret
 handshake when configured, and its first request) within ``timeout`` seconds of being accepted;
 every later request must arrive whole within ``timeout`` of its first byte. Connections are
@@ -21,22 +25,27 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from dpwa_core._log import OncePerPeer, get_logger, reason_of
 from dpwa_core.auth import AUTH_MAGIC, server_handshake
 from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.snapshot import SnapshotBuffer
 from dpwa_core.wire import (
+    FLAG_SHM,
     HEADER,
     MAGIC,
     MAX_TEXT_PAYLOAD,
     Header,
     MessageType,
+    ShmAnswer,
     decode_header,
     encode_header,
     recv_exact,
     send_all,
 )
+from dpwa_core.wire_dtype import CHUNK_ELEMENTS, WireDType, encode_chunks
 
 __all__ = ["Server"]
 
@@ -85,6 +94,7 @@ class Server:
         idle_timeout: float = 120.0,
         secret: bytes | None = None,
         tls: ssl.SSLContext | None = None,
+        wire_dtype: WireDType = WireDType.FLOAT32,
     ) -> None:
         self.timeout = timeout
         self.max_connections = max_connections
@@ -97,7 +107,11 @@ class Server:
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._rejections = OncePerPeer(_log)
+        self.wire_dtype = wire_dtype
+        """The element type this server sends parameters as over TCP."""
         self.served = 0
+        self.served_shm = 0
+        """Pulls answered with a shared-memory address instead of the parameters."""
         self.bytes_out = 0
         self.rejected = 0
         """Connections closed for a bad request, a failed handshake or a timeout."""
@@ -339,15 +353,16 @@ class Server:
     def _handle(self, conn: _Connection, request: Header) -> None:
         if request.type is not MessageType.PULL:
             raise ProtocolError(f"expected a PULL request, got {request.type.name}")
-        if not self._answer(conn.sock, request.size, request.shape_hash, conn.peer):
+        if not self._answer(conn.sock, request, conn.peer):
             raise _Done
 
     def _refuse(self, sock: socket.socket, kind: MessageType) -> None:
         with contextlib.suppress(OSError):  # best effort: the log line is what matters
             send_all(sock, encode_header(kind), time.monotonic() + min(self.timeout, 1.0))
 
-    def _answer(self, conn: socket.socket, size: int, shape_hash: int, peer: str) -> bool:
+    def _answer(self, conn: socket.socket, request: Header, peer: str) -> bool:
         """Answer one PULL; False when the connection must close."""
+        size, shape_hash = request.size, request.shape_hash
         source = self._source
         if source is None:
             send_all(conn, encode_header(MessageType.NOT_READY), time.monotonic() + self.timeout)
@@ -379,20 +394,54 @@ class Server:
             if snapshot is None:
                 send_all(conn, encode_header(MessageType.NOT_READY), deadline)
                 return True
-            reply = encode_header(
-                MessageType.PARAMS,
-                clock=snapshot.clock,
-                loss=snapshot.loss,
-                size=layout.size,
-                shape_hash=layout.shape_hash,
-                length=layout.nbytes,
-            )
-            send_all(conn, reply, deadline)
-            send_all(conn, snapshot.params.data.cast("B"), deadline)
+            if request.flags & FLAG_SHM and snapshots.segment is not None:
+                # Co-located peers copy the pinned slot themselves; only its address goes out.
+                answer = ShmAnswer(
+                    snapshot.slot,
+                    snapshot.sequence,
+                    snapshots.segment.token,
+                    snapshots.segment.name,
+                ).encode()
+                reply = encode_header(
+                    MessageType.SHM_PARAMS,
+                    clock=snapshot.clock,
+                    loss=snapshot.loss,
+                    size=layout.size,
+                    shape_hash=layout.shape_hash,
+                    length=len(answer),
+                )
+                send_all(conn, reply + answer, deadline)
+                sent = HEADER.size + len(answer)
+            else:
+                dtype = self.wire_dtype
+                reply = encode_header(
+                    MessageType.PARAMS,
+                    clock=snapshot.clock,
+                    loss=snapshot.loss,
+                    size=layout.size,
+                    shape_hash=layout.shape_hash,
+                    length=layout.size * dtype.itemsize,
+                    dtype=dtype,
+                )
+                send_all(conn, reply, deadline)
+                scratch = _EMPTY if dtype is WireDType.FLOAT32 else _scratch()
+                for chunk in encode_chunks(snapshot.params, dtype, scratch):
+                    send_all(conn, chunk, deadline)
+                sent = HEADER.size + layout.size * dtype.itemsize
         with self._lock:
             self.served += 1
-            self.bytes_out += HEADER.size + layout.nbytes
+            self.bytes_out += sent
+            if request.flags & FLAG_SHM and snapshots.segment is not None:
+                self.served_shm += 1
         return True
+
+
+_EMPTY = np.empty(0, np.uint8)
+
+
+def _scratch() -> np.ndarray:
+    """A conversion buffer for one answer in a narrower wire dtype (bounded, not model-sized)."""
+    return np.empty(CHUNK_ELEMENTS * 2, np.uint8)
 
 
 class _Done(Exception):

@@ -219,18 +219,25 @@ class SharedSegment:
         return clock, loss
 
     def close(self) -> None:
-        """Unmap the segment; the writer also removes it. Safe to call twice."""
+        """Unmap the segment; the writer also removes it. Safe to call twice.
+
+        An array still viewing a slot keeps the memory mapped until it is dropped.
+        """
         self._slots = ()
         self._seq = np.empty(0, np.uint64)
         self._meta = np.empty((0, 3), np.float64)
         buffer, self._buffer = self._buffer, memoryview(b"")
-        buffer.release()
-        if self._mapping is not None:
-            self._mapping.close()
-            self._mapping = None
-        if self._owner is not None:
-            owner, self._owner = self._owner, None
-            owner.close()
+        owner, self._owner = self._owner, None
+        mapping, self._mapping = self._mapping, None
+        try:
+            buffer.release()
+            if mapping is not None:
+                mapping.close()
+            if owner is not None:
+                owner.close()
+        except BufferError:
+            _log.debug("segment %s is still viewed; it is unmapped when the view goes", self.name)
+        if owner is not None:
             with contextlib.suppress(FileNotFoundError):
                 owner.unlink()
 

@@ -5,16 +5,24 @@ one index under a lock. A server thread pins the published buffer for the durati
 a peer never receives a torn snapshot (half old, half new), and publishing never waits for a send:
 if the spare buffer is still pinned by a slow send of an older snapshot, the publish is skipped
 and the previous snapshot stays visible until the next one.
+
+The two buffers are private memory, or the two slots of a :class:`~dpwa_core.shm.SharedSegment`
+when the node also serves co-located peers through shared memory. Then each publish also moves
+the slot's sequence counter (odd while writing, even after), so a reader that copies a slot
+without pinning it can tell a consistent copy from a torn one.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
+
+from dpwa_core.shm import SharedSegment
 
 __all__ = ["Snapshot", "SnapshotBuffer"]
 
@@ -25,6 +33,10 @@ class Snapshot(NamedTuple):
     params: np.ndarray
     clock: float
     loss: float
+    slot: int = 0
+    """Which of the two buffers (the shared-memory slot, when shared)."""
+    sequence: int = 0
+    """The slot's sequence counter at publish time (shared memory only; 0 otherwise)."""
 
 
 class SnapshotBuffer:
@@ -32,14 +44,23 @@ class SnapshotBuffer:
 
     Args:
         size: number of float32 elements per snapshot.
+        segment: a shared-memory segment of ``size`` elements per slot to hold the two buffers,
+            or None for private memory. The buffer then owns it and removes it on :meth:`close`.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, segment: SharedSegment | None = None) -> None:
         self.size = size
-        self._buffers = (np.empty(size, np.float32), np.empty(size, np.float32))
+        self.segment = segment
+        """The shared-memory segment holding the buffers, or None."""
+        if segment is None:
+            self._buffers = (np.empty(size, np.float32), np.empty(size, np.float32))
+        else:
+            if segment.size != size:
+                raise ValueError(f"segment holds {segment.size} elements per slot, need {size}")
+            self._buffers = (segment.slot(0), segment.slot(1))
         self._pins = [0, 0]
         self._published = -1  # index into _buffers; -1 until the first publish
-        self._state = (0.0, 0.0)
+        self._state = (0.0, 0.0, 0)  # clock, loss, sequence
         self._lock = threading.Lock()
         self._writer = threading.Lock()  # one publisher at a time
         self.skipped = 0
@@ -63,10 +84,20 @@ class SnapshotBuffer:
                     self.skipped += 1
                     return False
             # Readers only ever pin the published index, so nobody touches `spare` meanwhile.
-            fill(self._buffers[spare])
+            segment = self.segment
+            if segment is None:
+                fill(self._buffers[spare])
+                sequence = 0
+            else:
+                segment.begin_write(spare)
+                try:
+                    fill(self._buffers[spare])
+                finally:  # even a failed fill leaves the counter even: readers then see a
+                    segment.end_write(spare, clock, loss)  # new sequence, never the old one
+                sequence = segment.sequence(spare)
             with self._lock:
                 self._published = spare
-                self._state = (clock, loss)
+                self._state = (clock, loss, sequence)
             return True
 
     @property
@@ -87,11 +118,31 @@ class SnapshotBuffer:
                 snapshot = None
             else:
                 self._pins[index] += 1
-                clock, loss = self._state
-                snapshot = Snapshot(self._buffers[index], clock, loss)
+                clock, loss, sequence = self._state
+                snapshot = Snapshot(self._buffers[index], clock, loss, index, sequence)
         try:
             yield snapshot
         finally:
             if index >= 0:
                 with self._lock:
                     self._pins[index] -= 1
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop publishing and remove a shared-memory segment.
+
+        Waits up to ``timeout`` seconds for sends in flight to unpin their buffer (close the
+        server first, so they fail fast).
+        """
+        segment, self.segment = self.segment, None
+        if segment is None:
+            return
+        deadline = time.monotonic() + timeout
+        with self._writer:
+            while True:
+                with self._lock:
+                    if not any(self._pins) or time.monotonic() >= deadline:
+                        self._published = -1
+                        self._buffers = (np.empty(0, np.float32), np.empty(0, np.float32))
+                        break
+                time.sleep(0.005)
+        segment.close()

@@ -1,4 +1,4 @@
-"""The wire format: one fixed 52-byte header, then raw little-endian float32 parameters.
+"""The wire format: one fixed 52-byte header, then raw little-endian parameters.
 
 docs/PROTOCOL.md describes every byte. Nothing received is unpickled or evaluated: a message is
 decoded with :mod:`struct`, every field is checked before it is used, and a payload is received
@@ -16,15 +16,19 @@ import time
 from typing import NamedTuple
 
 from dpwa_core.errors import ProtocolError
+from dpwa_core.wire_dtype import WireDType
 
 __all__ = [
     "HEADER",
     "MAGIC",
     "MAX_TEXT_PAYLOAD",
     "VERSION",
+    "FLAG_SHM",
+    "SHM_ANSWER",
     "DType",
     "Header",
     "MessageType",
+    "ShmAnswer",
     "decode_header",
     "encode_header",
     "recv_exact",
@@ -37,6 +41,11 @@ HEADER = struct.Struct("<4sBBHBBHddQQQ")
 """magic, version, type, flags, dtype, reserved8, reserved16, clock, loss, size, hash, length."""
 MAX_TEXT_PAYLOAD = 64 * 1024
 """Largest layout description a LAYOUT_MISMATCH message may carry."""
+FLAG_SHM = 0x0001
+"""PULL flag: the client can read the answer from shared memory (see :mod:`dpwa_core.shm`)."""
+_KNOWN_FLAGS = FLAG_SHM
+SHM_ANSWER = struct.Struct("<B7xQ16s64s")
+"""SHM_PARAMS payload: slot, pad, sequence, token, segment name (NUL-padded ASCII)."""
 
 
 class MessageType(enum.IntEnum):
@@ -56,6 +65,9 @@ class MessageType(enum.IntEnum):
     """Server refuses a handshake: it has no auth configured. No payload."""
     TLS_REQUIRED = 7
     """Server refuses plain TCP: it requires TLS. Sent unencrypted; no payload."""
+    SHM_PARAMS = 8
+    """Server's snapshot is in shared memory: clock and loss in the header, where to read it
+    (:data:`SHM_ANSWER`) as payload. Only sent to a PULL flagged :data:`FLAG_SHM`."""
 
 
 _EMPTY = frozenset(
@@ -69,10 +81,8 @@ _EMPTY = frozenset(
 )
 
 
-class DType(enum.IntEnum):
-    """Element type of a PARAMS payload."""
-
-    FLOAT32 = 1
+DType = WireDType
+"""Element type of a PARAMS payload (the header's dtype byte); see :mod:`dpwa_core.wire_dtype`."""
 
 
 class Header(NamedTuple):
@@ -84,6 +94,38 @@ class Header(NamedTuple):
     size: int
     shape_hash: int
     length: int
+    flags: int = 0
+    dtype: WireDType = WireDType.FLOAT32
+
+
+class ShmAnswer(NamedTuple):
+    """A decoded SHM_PARAMS payload: where the server's snapshot is."""
+
+    slot: int
+    sequence: int
+    token: bytes
+    name: str
+
+    def encode(self) -> bytes:
+        """Pack it as :data:`SHM_ANSWER`."""
+        return SHM_ANSWER.pack(self.slot, self.sequence, self.token, self.name.encode("ascii"))
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> ShmAnswer:
+        """Unpack and check a :data:`SHM_ANSWER` payload.
+
+        Raises:
+            ProtocolError: a field is out of range or the name is not printable ASCII.
+        """
+        slot, sequence, token, raw = SHM_ANSWER.unpack(data)
+        name = raw.rstrip(b"\0")
+        if slot not in (0, 1):
+            raise ProtocolError(f"shared-memory slot {slot} is not 0 or 1")
+        if sequence % 2:
+            raise ProtocolError(f"shared-memory sequence {sequence} is odd (a write in progress)")
+        if not name or b"\0" in name or not all(0x21 <= c < 0x7F for c in name):
+            raise ProtocolError(f"shared-memory segment name {bytes(raw[:16])!r}... is invalid")
+        return cls(slot, sequence, bytes(token), name.decode("ascii"))
 
 
 def encode_header(
@@ -94,6 +136,8 @@ def encode_header(
     size: int = 0,
     shape_hash: int = 0,
     length: int = 0,
+    flags: int = 0,
+    dtype: WireDType = WireDType.FLOAT32,
 ) -> bytes:
     """Pack one header.
 
@@ -104,12 +148,14 @@ def encode_header(
         size: number of float32 elements of the sender's layout.
         shape_hash: 64-bit hash of the sender's layout shapes.
         length: number of payload bytes that follow the header.
+        flags: PULL flags, e.g. :data:`FLAG_SHM`.
+        dtype: element type of a PARAMS payload.
 
     Returns:
         The :data:`HEADER`-sized bytes.
     """
     return HEADER.pack(
-        MAGIC, VERSION, kind, 0, DType.FLOAT32, 0, 0, clock, loss, size, shape_hash, length
+        MAGIC, VERSION, kind, flags, dtype, 0, 0, clock, loss, size, shape_hash, length
     )
 
 
@@ -142,10 +188,12 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         message_type = MessageType(kind)
     except ValueError:
         raise ProtocolError(f"unknown message type {kind}") from None
-    if flags != 0:
-        raise ProtocolError(f"unknown flags 0x{flags:04x}")
-    if dtype != DType.FLOAT32:
-        raise ProtocolError(f"unknown payload dtype {dtype}")
+    if flags & ~_KNOWN_FLAGS or (flags and message_type is not MessageType.PULL):
+        raise ProtocolError(f"unknown flags 0x{flags:04x} on {message_type.name}")
+    try:
+        element = WireDType(dtype)
+    except ValueError:
+        raise ProtocolError(f"unknown payload dtype {dtype}") from None
     if res8 != 0 or res16 != 0:
         raise ProtocolError("reserved header bytes are not zero")
     if not math.isfinite(clock) or clock < 0:
@@ -156,9 +204,13 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"{message_type.name} carries no payload, header says {length} bytes")
     if message_type is MessageType.LAYOUT_MISMATCH and length > MAX_TEXT_PAYLOAD:
         raise ProtocolError(f"layout description of {length} bytes exceeds {MAX_TEXT_PAYLOAD}")
-    if message_type is MessageType.PARAMS and length != 4 * size:
-        raise ProtocolError(f"payload of {length} bytes does not hold {size} float32 elements")
-    return Header(message_type, clock, loss, size, shape_hash, length)
+    if message_type is MessageType.PARAMS and length != element.itemsize * size:
+        raise ProtocolError(
+            f"payload of {length} bytes does not hold {size} {element.name.lower()} elements"
+        )
+    if message_type is MessageType.SHM_PARAMS and length != SHM_ANSWER.size:
+        raise ProtocolError(f"SHM_PARAMS payload is {length} bytes, expected {SHM_ANSWER.size}")
+    return Header(message_type, clock, loss, size, shape_hash, length, flags, element)
 
 
 def recv_exact(sock: socket.socket, view: memoryview, deadline: float) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 
 __all__ = ["CHUNK_ELEMENTS", "WireDType", "decode_into", "encode_chunks", "wire_dtype"]
 
-CHUNK_ELEMENTS = 1 << 18
-"""Elements converted per chunk (1 MiB of float32)."""
+CHUNK_ELEMENTS = 1 << 16
+"""Elements converted per chunk (256 KiB of float32)."""
 
 
 class WireDType(enum.IntEnum):

@@ -61,13 +61,31 @@ def spread(params: np.ndarray) -> float:
     return float(np.linalg.norm(params - params.mean(axis=0), axis=1).max())
 
 
-@pytest.mark.parametrize("count", [2, 4])
-def test_numpy_nodes_exchange_and_converge(tmp_path: Path, count: int) -> None:
-    init, final, stats = run_cluster(tmp_path, count, "numpy", min_rounds=40)
+@pytest.mark.parametrize(
+    ("count", "options"),
+    [
+        (2, {"transport": "tcp"}),
+        (4, {"transport": "tcp", "wire_dtype": "bfloat16"}),
+        (4, {"transport": "auto"}),
+    ],
+    ids=["2-tcp", "4-tcp-bfloat16", "4-shm"],
+)
+def test_numpy_nodes_exchange_and_converge(
+    tmp_path: Path, count: int, options: dict[str, Any]
+) -> None:
+    init, final, stats = run_cluster(tmp_path, count, "numpy", min_rounds=40, **options)
+    itemsize = 2 if options.get("wire_dtype") == "bfloat16" else 4
     for name, s in stats.items():
         assert s["pulls_ok"] >= 20, f"{name}: {s}"
         assert s["pulls_served"] >= 1, f"{name}: {s}"
-        assert s["bytes_in"] >= s["pulls_ok"] * 40_000
+        if options["transport"] == "tcp":
+            assert s["pulls_shm"] == 0
+            assert s["bytes_in"] >= s["pulls_ok"] * 10_000 * itemsize
+        else:
+            # Co-located: pulls copy from the peer's shared memory. A copy the peer overwrote
+            # meanwhile (these nodes publish in a tight loop) is asked again over TCP.
+            assert s["pulls_shm"] >= 0.8 * s["pulls_ok"], f"{name}: {s}"
+            assert s["served_shm"] >= 0.8 * s["pulls_served"], f"{name}: {s}"
     assert spread(final) < spread(init) / 100
 
 

@@ -40,7 +40,8 @@ def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
 def test_counters_follow_pulls_bytes_factor_age_and_scores(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    config = cluster(2, timeout_ms=10_000, constant={"value": 0.25})
+    # Over TCP, so every parameter byte crosses the socket and is counted.
+    config = cluster(2, timeout_ms=10_000, constant={"value": 0.25}, transport="tcp")
     with Node(config, "w1", seed=1) as a, Node(config, "w2", seed=2) as b:
         start = a.stats()
         assert (start["pulls_ok"], start["pulls_failed"], start["pulls_timed_out"]) == (0, 0, 0)

@@ -13,9 +13,13 @@ from hypothesis import strategies as st
 
 from dpwa_core.errors import ProtocolError
 from dpwa_core.wire import (
+    FLAG_SHM,
     HEADER,
     MAX_TEXT_PAYLOAD,
+    SHM_ANSWER,
+    DType,
     MessageType,
+    ShmAnswer,
     decode_header,
     encode_header,
     recv_exact,
@@ -75,7 +79,10 @@ def test_round_trip() -> None:
         (dict(type=0), "unknown message type 0"),
         (dict(type=9), "unknown message type 9"),
         (dict(flags=1), "unknown flags"),
-        (dict(dtype=2), "unknown payload dtype"),
+        (dict(flags=2, type=1, length=0), "unknown flags 0x0002"),
+        (dict(dtype=4), "unknown payload dtype"),
+        (dict(dtype=2), "does not hold 10 float16"),
+        (dict(type=8, length=40), "SHM_PARAMS payload is 40 bytes"),
         (dict(r8=1), "reserved"),
         (dict(r16=5), "reserved"),
         (dict(clock=float("nan")), "clock"),
@@ -159,3 +166,27 @@ def test_refusals_carry_no_payload(kind: MessageType) -> None:
     assert decode_header(encode_header(kind)).type is kind
     with pytest.raises(ProtocolError, match=f"{kind.name} carries no payload"):
         decode_header(encode_header(kind, length=1))
+
+
+def test_pull_flag_and_half_precision_params_decode() -> None:
+    pull = decode_header(encode_header(MessageType.PULL, size=10, flags=FLAG_SHM))
+    assert pull.flags == FLAG_SHM
+    params = decode_header(
+        encode_header(MessageType.PARAMS, size=10, length=20, dtype=DType.BFLOAT16)
+    )
+    assert params.dtype is DType.BFLOAT16 and params.length == 20
+
+
+def test_shm_answer_round_trip_and_checks() -> None:
+    answer = ShmAnswer(1, 42, bytes(range(16)), "dpwa-12-0123456789abcdef")
+    assert ShmAnswer.decode(answer.encode()) == answer
+    bad = [
+        (SHM_ANSWER.pack(2, 0, bytes(16), b"dpwa-1-x"), "slot 2"),
+        (SHM_ANSWER.pack(0, 3, bytes(16), b"dpwa-1-x"), "odd"),
+        (SHM_ANSWER.pack(0, 0, bytes(16), b""), "name"),
+        (SHM_ANSWER.pack(0, 0, bytes(16), b"a\0b"), "name"),
+        (SHM_ANSWER.pack(0, 0, bytes(16), b"../\xff"), "name"),
+    ]
+    for data, message in bad:
+        with pytest.raises(ProtocolError, match=message):
+            ShmAnswer.decode(data)
