@@ -3,6 +3,8 @@
 Example:
     $ dpwa plugins
     $ dpwa check cluster.yaml --name w1
+    $ dpwa config init --nodes 4 -o cluster.yaml
+    $ dpwa launch cluster.yaml -- python train.py
     $ dpwa --version
 
 To add a subcommand, write ``_add_NAME(subparsers)`` that adds a parser and sets its
@@ -18,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dpwa_core import config_template, launch
 from dpwa_core.config import NODE_ENV, load_config
 from dpwa_core.errors import DpwaError
 from dpwa_core.registry import strategies, strategy_info
@@ -146,7 +149,67 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_plugins, _add_check)
+def _add_demo(subparsers: _Subparsers) -> None:
+    # dpwa_demo.options is plain argparse: building the parser imports no framework.
+    options = importlib.import_module("dpwa_demo.options")
+    parser = subparsers.add_parser(
+        "demo",
+        help="watch local nodes learn scikit-learn's digits together by gossip",
+        description=options.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    options.add_arguments(parser)
+    parser.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    # Imported by name, when run: dpwa_core never imports the demo's frameworks.
+    demo = importlib.import_module("dpwa_demo.run")
+    code: int = demo.main(args)
+    return code
+
+
+def _add_config(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "config",
+        help="write config files (dpwa config init)",
+        description="Write cluster config files.",
+    )
+
+    def usage(args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+
+    parser.set_defaults(handler=usage)
+    actions = parser.add_subparsers(title="config commands", metavar="ACTION")
+    init = actions.add_parser(
+        "init",
+        help="write a commented config for N nodes on one host",
+        description="Write a commented config for nodes w1 .. wN on one host, with consecutive "
+        "ports and every other key at its default. Prints it unless -o is given.",
+    )
+    config_template.add_init_arguments(init)
+    init.set_defaults(handler=config_template.init_command)
+
+
+def _add_launch(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "launch",
+        help="start the config's nodes on this machine, one process each",
+        description=launch.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    launch.add_arguments(parser)
+    parser.set_defaults(handler=launch.launch_command)
+
+
+_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
+    _add_plugins,
+    _add_check,
+    _add_demo,
+    _add_config,
+    _add_launch,
+)
 
 
 if __name__ == "__main__":
