@@ -139,6 +139,11 @@ def _check(args: argparse.Namespace) -> int:
         ("pull_probability", f"{config.pull_probability:g}"),
         ("timeout_ms", f"{config.timeout_ms:g}"),
         ("divergence_threshold", f"{threshold:g}" + (" (disabled)" if threshold == 0 else "")),
+        ("reject_nonfinite", "true" if config.reject_nonfinite else "false"),
+        ("transport", config.transport),
+        ("wire_dtype", config.wire_dtype),
+        ("auth", f"shared secret from {config.auth.source}" if config.auth else "off"),
+        ("tls", f"cert {config.tls.cert}, CA {config.tls.ca}" if config.tls else "off"),
     ]
     if args.name is not None or os.environ.get(NODE_ENV):
         name = config.resolve_name(args.name)

@@ -44,7 +44,22 @@ def test_check_summarizes_a_good_config(capsys: pytest.CaptureFixture[str]) -> N
     assert "w1 localhost:45000" in out and "w4 localhost:45003" in out
     assert "constant (value=0.5)" in out
     assert "divergence_threshold  0.2" in out
+    assert "transport             auto" in out and "wire_dtype            float32" in out
+    assert "auth                  off" in out and "tls                   off" in out
     assert "this node" not in out
+
+
+def test_check_shows_where_the_secret_comes_from_never_the_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLI_TEST_SECRET", "hunter2-very-secret")
+    path = tmp_path / "cluster.yaml"
+    nodes = [{"name": "w1", "host": "127.0.0.1", "port": 45000}]
+    path.write_text(yaml.safe_dump({"nodes": nodes, "auth": {"secret_env": "CLI_TEST_SECRET"}}))
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "CLI_TEST_SECRET" in out
+    assert "hunter2" not in out
 
 
 def test_check_with_a_node_name(
@@ -132,8 +147,11 @@ def test_config_init_prints_a_commented_config_that_loads(
         "constant",
         "divergence_threshold",
         "reject_nonfinite",
+        "transport",
+        "wire_dtype",
     ]
     assert config.reject_nonfinite == defaults.reject_nonfinite
+    assert (config.transport, config.wire_dtype) == (defaults.transport, defaults.wire_dtype)
     for index, line in enumerate(lines):
         if line[:1].isalpha():
             assert lines[index - 1].startswith("# "), f"no comment above {line!r}"
