@@ -5,10 +5,12 @@ Each method moves the same bytes between two processes as a request/answer pair 
 - ``raw socket``: a 1-byte request, the answer with ``sendall`` / ``recv_into``; the floor.
 - ``gloo``: torch.distributed gloo ``send``/``recv`` of a 1-element request, then the tensor.
 - ``memcpy``: ``numpy.copyto`` of the same bytes in this process; the floor for shared memory.
-- ``Node``: one node publishes, the other pulls; the time is ``PullResult.elapsed`` (request
-  sent to last byte received). ``Node e2e`` adds what the training thread sees:
-  ``update_send`` (which also copies the puller's own parameters into its snapshot) plus
-  ``update_wait``.
+- ``Node tcp``: one node publishes, the other pulls over TCP (``transport: tcp``); the time is
+  ``PullResult.elapsed`` (request sent to last byte received). ``Node tcp e2e`` adds what the
+  training thread sees: ``update_send`` (which also copies the puller's own parameters into its
+  snapshot) plus ``update_wait``.
+- ``Node shm``: the same through shared memory (``transport: auto`` on one host): the request
+  and a 148-byte answer over TCP, then a copy from the peer's segment.
 
 Run by hand (takes about a minute): ``python benchmarks/pull_throughput.py [--sizes 4 100]``.
 Prints a table of median milliseconds and one JSON line.
@@ -154,6 +156,17 @@ def measure(nbytes: int, repeats: int) -> dict[str, float]:
         )
     except ImportError:
         print("torch is not installed: skipping gloo", file=sys.stderr)
+    for transport in ("tcp", "shm"):
+        elapsed, e2e = _measure_node(ctx, q, nbytes, repeats, transport)
+        rows[f"Node {transport}"] = _median_ms(elapsed)
+        rows[f"Node {transport} e2e"] = _median_ms(e2e)
+    rows["memcpy"] = _median_ms(_memcpy(nbytes, repeats))
+    return rows
+
+
+def _measure_node(
+    ctx: Any, q: Any, nbytes: int, repeats: int, transport: str
+) -> tuple[list[float], list[float]]:
     ports = _free_ports(2)
     config = {
         "nodes": [
@@ -161,6 +174,7 @@ def measure(nbytes: int, repeats: int) -> dict[str, float]:
         ],
         "timeout_ms": 30_000,
         "pull_probability": 1.0,
+        "transport": transport,
     }
     done = ctx.Queue()
     procs = [
@@ -173,10 +187,7 @@ def measure(nbytes: int, repeats: int) -> dict[str, float]:
     done.put("stop")
     for p in procs:
         p.join(timeout=60)
-    rows["Node"] = _median_ms(elapsed)
-    rows["Node e2e"] = _median_ms(e2e)
-    rows["memcpy"] = _median_ms(_memcpy(nbytes, repeats))
-    return rows
+    return elapsed, e2e
 
 
 def _memcpy(nbytes: int, repeats: int) -> list[float]:
@@ -211,11 +222,14 @@ def main() -> None:
     print(f"{'method':<12}" + "".join(f"{k:>12}" for k in results))
     for method in methods:
         print(f"{method:<12}" + "".join(f"{results[k][method]:>12.2f}" for k in results))
-    if all("gloo" in r for r in results.values()):
-        print(
-            f"{'Node/gloo':<12}"
-            + "".join(f"{r['Node'] / r['gloo']:>12.2f}" for r in results.values())
-        )
+    ratios = [("Node tcp", "gloo"), ("Node shm", "memcpy")]
+    for name, reference in ratios:
+        if all(reference in r for r in results.values()):
+            label = f"{name.split()[1]}/{reference}"
+            print(
+                f"{label:<12}"
+                + "".join(f"{r[name] / r[reference]:>12.2f}" for r in results.values())
+            )
     print(json.dumps({"benchmark": "pull_throughput", "repeats": args.repeats, "ms": results}))
 
 

@@ -96,15 +96,27 @@ class _NonFinite(Exception):
     """The peer's parameters hold NaN or Inf."""
 
 
-def all_finite(values: np.ndarray) -> bool:
-    """Whether every element of ``values`` is finite, without allocating a mask.
+def all_finite(values: np.ndarray, mask: np.ndarray | None = None) -> bool:
+    """Whether every element of ``values`` is finite, with a bounded scratch mask.
 
-    ``min`` and ``max`` propagate NaN, and an infinity is the minimum or the maximum, so two
-    reductions (fast, vectorised) answer it for any size of model.
+    Checks :data:`~dpwa_core.wire_dtype.CHUNK_ELEMENTS` elements at a time, so the mask never
+    grows with the model and a chunk that was just received or copied is checked while it is
+    still in cache.
+
+    Args:
+        values: a 1-D float array.
+        mask: a bool buffer of at least ``min(values.size, CHUNK_ELEMENTS)`` elements to reuse.
     """
-    if values.size == 0:
-        return True
-    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+    step = CHUNK_ELEMENTS
+    if mask is None:
+        mask = np.empty(min(values.size, step), np.bool_)
+    for start in range(0, values.size, step):
+        chunk = values[start : start + step]
+        out = mask[: chunk.size]
+        np.isfinite(chunk, out=out)
+        if not out.all():
+            return False
+    return True
 
 
 class Puller:
@@ -141,6 +153,8 @@ class Puller:
         self._no_shm: set[tuple[str, int]] = set()  # peers whose segments are not on this host
         self._shm_payload = memoryview(bytearray(SHM_ANSWER.size))
         self._scratch: np.ndarray | None = None
+        self._mask = np.empty(min(layout.size, CHUNK_ELEMENTS), np.bool_)
+        self._finite = True  # whether the last answer received held only finite values
         self.layout = layout
         self._secret = secret
         self._tls = tls
@@ -148,7 +162,6 @@ class Puller:
         self.rejected_nonfinite = 0
         """Answers refused because their parameters held NaN or Inf."""
         self.buffer = np.empty(layout.size, np.float32)
-        self._payload = self.buffer.data.cast("B")
         self._header = memoryview(bytearray(HEADER.size))
         self._peers = peers
         self._conns: dict[str, tuple[socket.socket, tuple[str, int]]] = {}
@@ -265,7 +278,7 @@ class Puller:
             recv_exact(conn, self._header, ticket.deadline)
         else:
             raise ProtocolError("the peer's shared-memory snapshot was overwritten during 3 copies")
-        if self.reject_nonfinite and not all_finite(self.buffer):
+        if not self._finite:
             raise _NonFinite
         return header.clock, header.loss
 
@@ -322,9 +335,19 @@ class Puller:
             raise ProtocolError(f"layout mismatch: ours {self.layout.describe()}; theirs {theirs}")
 
     def _receive_params(self, conn: socket.socket, header: Header, deadline: float) -> None:
-        """Receive a PARAMS payload into the buffer, converting a narrower wire dtype."""
+        """Receive a PARAMS payload into the buffer, converting a narrower wire dtype.
+
+        Received chunk by chunk, each checked for NaN and Inf right after it lands (while it is
+        in cache) when ``reject_nonfinite`` is on.
+        """
+        check = self.reject_nonfinite
+        self._finite = True
         if header.dtype is WireDType.FLOAT32:
-            recv_exact(conn, self._payload, deadline)
+            for start in range(0, self.buffer.size, CHUNK_ELEMENTS):
+                chunk = self.buffer[start : start + CHUNK_ELEMENTS]
+                recv_exact(conn, chunk.data.cast("B"), deadline)
+                if check and self._finite:
+                    self._finite = all_finite(chunk, self._mask)
         else:
             if self._scratch is None:
                 self._scratch = np.empty(CHUNK_ELEMENTS * 2, np.uint8)
@@ -334,7 +357,19 @@ class Puller:
                 self.buffer,
                 self._scratch,
             )
+            if check:
+                self._finite = all_finite(self.buffer, self._mask)
         self.bytes_in += HEADER.size + header.length
+
+    def _copy_checked(self, out: np.ndarray, src: np.ndarray) -> None:
+        """Copy chunk by chunk, checking each copied chunk for NaN and Inf while it is hot."""
+        check = self.reject_nonfinite
+        self._finite = True
+        for start in range(0, out.size, CHUNK_ELEMENTS):
+            chunk = out[start : start + CHUNK_ELEMENTS]
+            np.copyto(chunk, src[start : start + CHUNK_ELEMENTS])
+            if check and self._finite:
+                self._finite = all_finite(chunk, self._mask)
 
     def _read_shm(self, peer: Peer, answer: ShmAnswer) -> bool:
         """Copy the peer's announced slot into the buffer; False when torn or not mappable."""
@@ -356,7 +391,7 @@ class Puller:
                 _log.info("%s: pulling %s over TCP: %s", self.name, peer.name, exc)
                 return False
             self._segments[peer.name] = segment
-        if segment.read(answer.slot, answer.sequence, self.buffer) is None:
+        if segment.read(answer.slot, answer.sequence, self.buffer, self._copy_checked) is None:
             self.torn_shm += 1
             return False
         return True

@@ -37,6 +37,7 @@ import re
 import secrets
 import struct
 import sys
+from collections.abc import Callable
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -198,13 +199,20 @@ class SharedSegment:
         """The slot's sequence counter: odd while it is being written."""
         return int(self._seq[index])
 
-    def read(self, index: int, sequence: int, out: np.ndarray) -> tuple[float, float] | None:
+    def read(
+        self,
+        index: int,
+        sequence: int,
+        out: np.ndarray,
+        copy: Callable[[np.ndarray, np.ndarray], object] = np.copyto,
+    ) -> tuple[float, float] | None:
         """Copy slot ``index`` into ``out`` if it still holds version ``sequence``.
 
         Args:
             index: the slot, 0 or 1.
             sequence: the even sequence number the writer announced for the slot.
             out: a float32 array of :attr:`size` elements.
+            copy: ``copy(out, slot)`` does the copy (e.g. checking values on the way).
 
         Returns:
             ``(clock, loss)`` when the copy is consistent, or None when the slot was
@@ -213,7 +221,7 @@ class SharedSegment:
         if sequence % 2 or int(self._seq[index]) != sequence:
             return None
         clock, loss = float(self._meta[index, 1]), float(self._meta[index, 2])
-        np.copyto(out, self._slots[index])
+        copy(out, self._slots[index])
         if int(self._seq[index]) != sequence:
             return None
         return clock, loss

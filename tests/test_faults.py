@@ -27,6 +27,7 @@ from dpwa_core import puller
 from dpwa_core.layout import Layout
 from dpwa_core.node import Node, PullResult
 from dpwa_core.wire import HEADER, MessageType, encode_header
+from dpwa_core.wire_dtype import CHUNK_ELEMENTS
 
 Cluster = Callable[..., dict[str, Any]]
 WORKER = Path(__file__).parent / "workers" / "peer_worker.py"
@@ -141,16 +142,22 @@ def test_sigkill_mid_transfer_then_restart_under_the_same_name(
     cut: list[int] = []
     real_recv_exact = puller.recv_exact
 
+    chunks_seen = [0]
+    kill_at = size // CHUNK_ELEMENTS // 4  # the payload arrives in chunks; kill a quarter in
+
     def recv_then_kill(sock: socket.socket, view: memoryview, deadline: float) -> None:
         """Receive a quarter of the payload, SIGKILL the sender, then try to get the rest."""
-        if armed.is_set() and len(view) == 4 * size:
-            armed.clear()
-            real_recv_exact(sock, view[:size], deadline)
-            workers.kill("w2")
-            cut.append(size)
-            real_recv_exact(sock, view[size:], deadline)
-        else:
-            real_recv_exact(sock, view, deadline)
+        if armed.is_set() and len(view) == 4 * CHUNK_ELEMENTS:
+            chunks_seen[0] += 1
+            if chunks_seen[0] == kill_at:
+                armed.clear()
+                half = len(view) // 2
+                real_recv_exact(sock, view[:half], deadline)
+                workers.kill("w2")
+                cut.append(kill_at)
+                real_recv_exact(sock, view[half:], deadline)
+                return
+        real_recv_exact(sock, view, deadline)
 
     monkeypatch.setattr(puller, "recv_exact", recv_then_kill)
     with Node(config, "w1", layout=Layout.flat(size)) as node:

@@ -17,6 +17,7 @@ from conftest import cluster
 
 from dpwa_core import Node, shm
 from dpwa_core.shm import SharedSegment
+from dpwa_core.wire_dtype import CHUNK_ELEMENTS
 
 needs_shm = pytest.mark.skipif(not shm.available(), reason="needs POSIX shared memory files")
 SIZE = 50_000
@@ -67,7 +68,7 @@ def test_tcp_transport_makes_no_segment_and_sends_the_parameters() -> None:
 
 @needs_shm
 def test_a_torn_copy_is_asked_again_over_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(SharedSegment, "read", lambda self, slot, seq, out: None)
+    monkeypatch.setattr(SharedSegment, "read", lambda self, *args: None)
     config = cluster(2)
     with Node(config, "w1") as a, Node(config, "w2") as b:
         result = pull(a, b, 1.0, 2.0)
@@ -101,6 +102,20 @@ def test_segment_not_on_this_host(
             assert a.update_wait(1.0) is None
         assert a.stats()["pulls_ok"] == 0
     assert "transport is 'shm'" in caplog.text
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_nonfinite_parameters_are_refused_on_every_path(transport: str) -> None:
+    config = cluster(2, transport=transport, timeout_ms=1000)
+    with Node(config, "w1") as a, Node(config, "w2") as b:
+        size = 3 * CHUNK_ELEMENTS + 5  # received and checked in four chunks
+        poisoned = np.full(size, 2.0, np.float32)
+        poisoned[size - 1] = np.inf  # in the last one
+        b.update_send(poisoned, 1.0)
+        for _ in range(3):
+            a.update_send(np.ones(size, np.float32), 1.0)
+            assert a.update_wait(1.0) is None
+        assert a.stats()["rejected_nonfinite"] == 3
 
 
 @pytest.mark.parametrize(
