@@ -48,7 +48,11 @@ from dpwa_core.wire import (
 )
 from dpwa_core.wire_dtype import CHUNK_ELEMENTS, WireDType, decode_into
 
-__all__ = ["Outcome", "Puller", "Ticket", "all_finite"]
+__all__ = ["RECEIVE_CHUNK", "Outcome", "Puller", "Ticket", "all_finite"]
+
+RECEIVE_CHUNK = 1 << 18
+"""Float32 elements received, copied and checked at a time (1 MiB: large enough that the
+per-chunk overhead vanishes, small enough that a chunk is still in cache when it is checked)."""
 
 _log = get_logger("puller")
 
@@ -99,15 +103,15 @@ class _NonFinite(Exception):
 def all_finite(values: np.ndarray, mask: np.ndarray | None = None) -> bool:
     """Whether every element of ``values`` is finite, with a bounded scratch mask.
 
-    Checks :data:`~dpwa_core.wire_dtype.CHUNK_ELEMENTS` elements at a time, so the mask never
+    Checks :data:`RECEIVE_CHUNK` elements at a time, so the mask never
     grows with the model and a chunk that was just received or copied is checked while it is
     still in cache.
 
     Args:
         values: a 1-D float array.
-        mask: a bool buffer of at least ``min(values.size, CHUNK_ELEMENTS)`` elements to reuse.
+        mask: a bool buffer of at least ``min(values.size, RECEIVE_CHUNK)`` elements to reuse.
     """
-    step = CHUNK_ELEMENTS
+    step = RECEIVE_CHUNK
     if mask is None:
         mask = np.empty(min(values.size, step), np.bool_)
     for start in range(0, values.size, step):
@@ -153,7 +157,7 @@ class Puller:
         self._no_shm: set[tuple[str, int]] = set()  # peers whose segments are not on this host
         self._shm_payload = memoryview(bytearray(SHM_ANSWER.size))
         self._scratch: np.ndarray | None = None
-        self._mask = np.empty(min(layout.size, CHUNK_ELEMENTS), np.bool_)
+        self._mask = np.empty(min(layout.size, RECEIVE_CHUNK), np.bool_)
         self._finite = True  # whether the last answer received held only finite values
         self.layout = layout
         self._secret = secret
@@ -343,8 +347,8 @@ class Puller:
         check = self.reject_nonfinite
         self._finite = True
         if header.dtype is WireDType.FLOAT32:
-            for start in range(0, self.buffer.size, CHUNK_ELEMENTS):
-                chunk = self.buffer[start : start + CHUNK_ELEMENTS]
+            for start in range(0, self.buffer.size, RECEIVE_CHUNK):
+                chunk = self.buffer[start : start + RECEIVE_CHUNK]
                 recv_exact(conn, chunk.data.cast("B"), deadline)
                 if check and self._finite:
                     self._finite = all_finite(chunk, self._mask)
@@ -365,9 +369,9 @@ class Puller:
         """Copy chunk by chunk, checking each copied chunk for NaN and Inf while it is hot."""
         check = self.reject_nonfinite
         self._finite = True
-        for start in range(0, out.size, CHUNK_ELEMENTS):
-            chunk = out[start : start + CHUNK_ELEMENTS]
-            np.copyto(chunk, src[start : start + CHUNK_ELEMENTS])
+        for start in range(0, out.size, RECEIVE_CHUNK):
+            chunk = out[start : start + RECEIVE_CHUNK]
+            np.copyto(chunk, src[start : start + RECEIVE_CHUNK])
             if check and self._finite:
                 self._finite = all_finite(chunk, self._mask)
 

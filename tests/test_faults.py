@@ -27,7 +27,6 @@ from dpwa_core import puller
 from dpwa_core.layout import Layout
 from dpwa_core.node import Node, PullResult
 from dpwa_core.wire import HEADER, MessageType, encode_header
-from dpwa_core.wire_dtype import CHUNK_ELEMENTS
 
 Cluster = Callable[..., dict[str, Any]]
 WORKER = Path(__file__).parent / "workers" / "peer_worker.py"
@@ -143,11 +142,11 @@ def test_sigkill_mid_transfer_then_restart_under_the_same_name(
     real_recv_exact = puller.recv_exact
 
     chunks_seen = [0]
-    kill_at = size // CHUNK_ELEMENTS // 4  # the payload arrives in chunks; kill a quarter in
+    kill_at = size // puller.RECEIVE_CHUNK // 4  # the payload arrives in chunks; kill a quarter in
 
     def recv_then_kill(sock: socket.socket, view: memoryview, deadline: float) -> None:
         """Receive a quarter of the payload, SIGKILL the sender, then try to get the rest."""
-        if armed.is_set() and len(view) == 4 * CHUNK_ELEMENTS:
+        if armed.is_set() and len(view) == 4 * puller.RECEIVE_CHUNK:
             chunks_seen[0] += 1
             if chunks_seen[0] == kill_at:
                 armed.clear()

@@ -16,8 +16,8 @@ import yaml
 from conftest import cluster
 
 from dpwa_core import Node, shm
+from dpwa_core.puller import RECEIVE_CHUNK
 from dpwa_core.shm import SharedSegment
-from dpwa_core.wire_dtype import CHUNK_ELEMENTS
 
 needs_shm = pytest.mark.skipif(not shm.available(), reason="needs POSIX shared memory files")
 SIZE = 50_000
@@ -108,7 +108,7 @@ def test_segment_not_on_this_host(
 def test_nonfinite_parameters_are_refused_on_every_path(transport: str) -> None:
     config = cluster(2, transport=transport, timeout_ms=1000)
     with Node(config, "w1") as a, Node(config, "w2") as b:
-        size = 3 * CHUNK_ELEMENTS + 5  # received and checked in four chunks
+        size = 3 * RECEIVE_CHUNK + 5  # received and checked in four chunks
         poisoned = np.full(size, 2.0, np.float32)
         poisoned[size - 1] = np.inf  # in the last one
         b.update_send(poisoned, 1.0)
