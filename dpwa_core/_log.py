@@ -38,6 +38,11 @@ class OncePerPeer:
                 self._seen.add(key)
         self._logger.log(logging.WARNING if first else logging.DEBUG, message, *args)
 
+    def forget(self, peer: str) -> None:
+        """Forget ``peer``'s reasons (it recovered): its next failure is a first again."""
+        with self._lock:
+            self._seen = {key for key in self._seen if key[0] != peer}
+
 
 _VARIABLE = re.compile(
     r"b?'[^']*'|b?\"[^\"]*\"|-?\b\d[\d.]*(?:e[+-]?\d+)?\b|\bnan\b|\binf\b|0x[0-9a-f]+"

@@ -294,7 +294,8 @@ class Node:
             ``bytes_in``, ``bytes_out``, ``rejected`` (connections refused for a bad request, a
             failed handshake or a timeout), ``rejected_nonfinite`` (peers' answers refused for
             holding NaN or Inf), ``evicted`` (idle connections closed to make room),
-            ``connections`` (open now), ``snapshots_skipped``, ``pulls_shm`` and
+            ``connections`` (open now), ``snapshots_skipped``, ``pulls_not_ready`` (failed
+            pulls that found the peer up but not yet publishing), ``pulls_shm`` and
             ``served_shm`` (pulls and answers through shared memory, counted in the totals too),
             ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock``,
             ``scores`` (each peer's flow-control score) and ``peers`` (per peer: ``score`` and
@@ -312,6 +313,7 @@ class Node:
         stats["connections"] = self._server.connections
         stats["bytes_in"] = self._puller.bytes_in if self._puller else 0
         stats["pulls_shm"] = self._puller.pulls_shm if self._puller else 0
+        stats["pulls_not_ready"] = self._puller.not_ready if self._puller else 0
         stats["served_shm"] = self._server.served_shm
         stats["snapshots_skipped"] = self._snapshots.skipped if self._snapshots else 0
         stats["clock"] = self.clock

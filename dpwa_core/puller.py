@@ -171,6 +171,9 @@ class Puller:
         self._conns: dict[str, tuple[socket.socket, tuple[str, int]]] = {}
         self._queue: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
         self._warn = OncePerPeer(_log)
+        self._failing: dict[str, int] = {}  # peer -> failed pulls since its last success
+        self.not_ready = 0
+        """Pulls that found the peer up but not yet publishing (counted as failed too)."""
         self.bytes_in = 0
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"dpwa-puller-{name}", daemon=True)
@@ -219,15 +222,18 @@ class Puller:
         except TimeoutError:
             self._close(peer.name)
             self._peers.record_timeout(peer.name)
+            self._failing[peer.name] = self._failing.get(peer.name, 0) + 1
             self._warn.warning(
                 peer.name, "timeout", "%s: pull from %s timed out", self.name, peer.name
             )
             ticket.resolve(Outcome.TIMED_OUT, peer.name)
         except _NotReady:
+            self.not_ready += 1
             ticket.resolve(Outcome.FAILED, peer.name)  # alive, just not started: no penalty
         except _NonFinite:
             self.rejected_nonfinite += 1
             self._peers.record_failure(peer.name)
+            self._failing[peer.name] = self._failing.get(peer.name, 0) + 1
             self._warn.warning(
                 peer.name,
                 "nonfinite",
@@ -242,6 +248,7 @@ class Puller:
                 ticket.resolve(Outcome.FAILED, peer.name)
                 return
             self._peers.record_failure(peer.name)
+            self._failing[peer.name] = self._failing.get(peer.name, 0) + 1
             reason = type(exc).__name__ if isinstance(exc, OSError) else reason_of(str(exc))
             self._warn.warning(
                 peer.name, reason, "%s: pull from %s failed: %s", self.name, peer.name, exc
@@ -249,6 +256,13 @@ class Puller:
             ticket.resolve(Outcome.FAILED, peer.name)
         else:
             self._peers.record_success(peer.name)
+            failed = self._failing.pop(peer.name, 0)
+            if failed:
+                # Say so once, and let the next outage warn again.
+                _log.info(
+                    "%s: %s answers again after %d failed pulls", self.name, peer.name, failed
+                )
+                self._warn.forget(peer.name)
             ticket.resolve(
                 Outcome.OK,
                 peer.name,

@@ -95,6 +95,31 @@ def test_counters_follow_pulls_bytes_factor_age_and_scores(
         assert stats["bytes_in"] == 2 * ANSWER  # nothing counted for failed pulls
         assert len(warnings(caplog, "pull from w2 failed")) == 1
 
+        # w2 comes back: one INFO line says so, and its next outage warns again.
+        with Node(config, "w2", seed=3) as again:
+            again.update_send(params(2.0), 1.0)
+            wait_until(lambda: _pull(a))
+        recovered = [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
+        assert recovered == ["w1: w2 answers again after 2 failed pulls"]
+        a.update_send(params(1.0), 2.0)
+        assert a.update_wait(2.0) is None
+        assert len(warnings(caplog, "pull from w2 failed")) == 2
+
+
+def _pull(node: Node) -> bool:
+    node.update_send(params(1.0), 2.0)
+    return node.update_wait(2.0) is not None
+
+
+def test_a_peer_not_started_yet_counts_as_not_ready() -> None:
+    config = cluster(2, timeout_ms=10_000)
+    with Node(config, "w1") as a, Node(config, "w2"):
+        a.update_send(params(1.0), 1.0)  # w2 listens but has published nothing
+        assert a.update_wait(1.0) is None
+        stats = a.stats()
+        assert (stats["pulls_failed"], stats["pulls_not_ready"]) == (1, 1)
+        assert stats["scores"] == {"w2": 1.0}  # an idle peer is not penalised
+
 
 def test_a_peer_that_never_answers_counts_as_timed_out(caplog: pytest.LogCaptureFixture) -> None:
     config = cluster(2, timeout_ms=1000)
