@@ -5,7 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["DESCRIPTION", "add_arguments", "frameworks_for"]
+__all__ = [
+    "DEFAULT_NODES",
+    "DESCRIPTION",
+    "MIXED",
+    "add_arguments",
+    "frameworks_for",
+    "node_frameworks",
+]
+
+DEFAULT_NODES = 4
+"""Nodes when neither ``--nodes`` nor ``--mixed`` says otherwise."""
+
+MIXED = ("torch", "tensorflow", "jax")
+"""The frameworks of ``--mixed``, one node each (in turn, with more nodes)."""
 
 DESCRIPTION = """\
 Start several local node processes, each a small MLP (64 -> hidden -> 10) trained on its own
@@ -19,6 +32,9 @@ By default each node sees only a few digits (--split labels): alone it cannot re
 others, so what gossip brings is plain. --compare also trains the same nodes isolated (same
 seeds, same shards, no gossip) and shows both runs in the table and the plot.
 
+--mixed runs three nodes, one PyTorch, one Keras (TensorFlow) and one JAX, that average one
+model across the frameworks; with --compare the isolated run is the same three nodes alone.
+
 The exit status is 1 if any node failed, else 0. docs/DEMO.md describes the demo in full.
 """
 
@@ -26,7 +42,12 @@ The exit status is 1 if any node failed, else 0. docs/DEMO.md describes the demo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser`` (the ``dpwa demo`` subparser)."""
     parser.add_argument(
-        "--nodes", type=_positive, default=4, metavar="N", help="node processes (default: 4)"
+        "--nodes",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help=f"node processes (default: {DEFAULT_NODES}, or one per framework listed by "
+        f"--frameworks, or {len(MIXED)} with --mixed)",
     )
     parser.add_argument(
         "--steps",
@@ -78,10 +99,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--frameworks",
-        default="torch",
+        default=None,
         metavar="LIST",
         help="framework of each node, comma-separated, one per node, or one name for all "
         "(default: torch)",
+    )
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help=f"one node per framework ({', '.join(MIXED)}) averaging one model; with "
+        "--nodes N (at least 3) the frameworks take turns",
     )
     parser.add_argument(
         "--hidden", type=_positive, default=64, metavar="N", help="hidden units (default: 64)"
@@ -96,6 +123,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch", type=_positive, default=32, metavar="N", help="batch size (default: 32)"
     )
+
+
+def node_frameworks(nodes: int | None, frameworks: str | None, mixed: bool) -> list[str]:
+    """Resolve ``--nodes``, ``--frameworks`` and ``--mixed`` to one framework name per node.
+
+    Args:
+        nodes: ``--nodes``, or ``None`` when not given.
+        frameworks: ``--frameworks``, or ``None`` when not given.
+        mixed: ``--mixed``.
+
+    Returns:
+        One framework per node; its length is the number of nodes.
+
+    Raises:
+        ValueError: the options contradict each other.
+    """
+    if not mixed:
+        spec = frameworks or "torch"
+        if nodes is None:  # a list of frameworks counts the nodes; one name means the default
+            listed = len([name for name in spec.split(",") if name.strip()])
+            nodes = listed if listed > 1 else DEFAULT_NODES
+        return frameworks_for(spec, nodes)
+    if frameworks is not None:
+        raise ValueError(
+            f"--mixed sets the frameworks ({','.join(MIXED)}); drop --frameworks, or drop "
+            "--mixed and list one framework per node with --frameworks"
+        )
+    count = len(MIXED) if nodes is None else nodes
+    if count < len(MIXED):
+        raise ValueError(
+            f"--mixed needs at least {len(MIXED)} nodes, one per framework; got --nodes {count}"
+        )
+    return [MIXED[i % len(MIXED)] for i in range(count)]
 
 
 def frameworks_for(spec: str, nodes: int) -> list[str]:

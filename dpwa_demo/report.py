@@ -164,7 +164,25 @@ def table(runs: list[RunResult]) -> str:
             f"{run.label}: mean test accuracy {run.mean_accuracy():.1%} over {finished} of "
             f"{len(run.nodes)} nodes, {run.seconds:.1f} s"
         )
+    lines.extend(_gains(runs))
     return "\n".join(lines)
+
+
+def _gains(runs: list[RunResult]) -> list[str]:
+    """With a gossip and an isolated run: each node's test accuracy gain from gossip."""
+    by_label = {run.label: run for run in runs}
+    if "gossip" not in by_label or "isolated" not in by_label:
+        return []
+    alone = {node.name: node.done for node in by_label["isolated"].nodes}
+    gains = []
+    for node in by_label["gossip"].nodes:
+        other = alone.get(node.name)
+        if node.done is not None and other is not None:
+            points = 100 * (node.done["test_acc"] - other["test_acc"])
+            gains.append(f"{node.name} ({node.framework}) {points:+.1f}")
+    if not gains:
+        return []
+    return [f"test accuracy, gossip minus isolated, in points: {', '.join(gains)}"]
 
 
 def _count(value: int | None) -> str:

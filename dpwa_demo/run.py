@@ -34,7 +34,7 @@ import yaml
 
 from dpwa_core.config import load_config
 from dpwa_core.errors import DpwaError
-from dpwa_demo.options import frameworks_for
+from dpwa_demo.options import node_frameworks
 from dpwa_demo.progress import Progress
 from dpwa_demo.report import NodeResult, RunResult, plot, table
 from dpwa_demo.trainers import TRAINERS
@@ -46,6 +46,10 @@ INSTALL_HINT = "pip install 'dpwa[demo]'"
 
 READY_TIMEOUT = 180.0
 """Seconds the nodes have to import their framework and build their model."""
+
+
+_MODULES = {"tensorflow": ("tensorflow", "keras"), "jax": ("jax", "flax", "optax")}
+"""What a framework's trainer imports besides the framework itself (looked up, not imported)."""
 
 
 class DemoError(DpwaError):
@@ -63,7 +67,8 @@ def check_installed(frameworks: list[str]) -> None:
             f"no demo trainer for {', '.join(unknown)}; --frameworks takes "
             f"{', '.join(sorted(TRAINERS))}"
         )
-    needed = ["sklearn", "matplotlib", *dict.fromkeys(frameworks)]
+    modules = [module for f in dict.fromkeys(frameworks) for module in _MODULES.get(f, (f,))]
+    needed = ["sklearn", "matplotlib", *modules]
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         packages = ", ".join("scikit-learn" if name == "sklearn" else name for name in missing)
@@ -84,9 +89,10 @@ def main(args: argparse.Namespace, stream: TextIO | None = None) -> int:
         ConfigError: the options make an invalid cluster config (an unknown strategy).
     """
     try:
-        frameworks = frameworks_for(args.frameworks, args.nodes)
+        frameworks = node_frameworks(args.nodes, args.frameworks, args.mixed)
     except ValueError as exc:
         raise DemoError(str(exc)) from None
+    args.nodes = len(frameworks)  # the rest of the demo reads the resolved count
     check_installed(frameworks)
     load_config(_config(args, [f"w{i + 1}" for i in range(args.nodes)]))  # a bad option fails here
     try:

@@ -4,8 +4,9 @@
 builds its framework's trainer (see :mod:`dpwa_demo.trainers`), joins the cluster when the job
 has one, and trains its shard. It talks to the orchestrator in JSON lines on stdout:
 
-- ``{"event": "ready"}`` once the model is built (and its node is listening); the worker then
-  waits for one line on stdin, so all nodes start training at the same moment;
+- ``{"event": "ready"}`` once the model is built and compiled (see ``Trainer.warm_up``) and its
+  node is listening; the worker then waits for one line on stdin, so all nodes start training
+  at the same moment;
 - ``{"event": "progress", ...}`` about twice a second (step, loss, pull counters);
 - ``{"event": "eval", ...}`` at each evaluation point, after saving the parameters to
   ``params/NAME_STEP.npy`` in the run folder;
@@ -83,6 +84,9 @@ def run_node(job: dict[str, Any], name: str) -> None:
     fail_at = steps // 2 if os.environ.get(FAIL_ENV) == name else None
     rng = np.random.default_rng(spec["seed"])
     try:
+        # Compile now, while the peers get ready too, not during the first steps and pulls.
+        trainer.warm_up(x[:batch], y[:batch])
+        trainer.evaluate(data.x_test, data.y_test)
         if job["config"] is not None:
             trainer.connect(job["config"], name)
         _emit("ready")

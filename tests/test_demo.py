@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 
 from dpwa_core.cli import main
+from dpwa_demo.options import MIXED, node_frameworks
+from dpwa_demo.report import distances_to_mean
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MIXED_NEEDS = ("tensorflow", "keras", "jax", "flax", "optax")
 
 
 def _demo(
@@ -74,12 +77,45 @@ def test_demo_compare_trains_reports_and_plots(tmp_path: Path) -> None:
     assert max(gossip_dist) < min(isolated_dist), run.stdout
     assert "gossip: mean test accuracy" in run.stdout
     assert "isolated: mean test accuracy" in run.stdout
+    gains = re.search(r"^test accuracy, gossip minus isolated, in points: (.+)$", run.stdout, re.M)
+    assert gains, run.stdout
+    for i in (1, 2, 3):  # each node's gain is its two rows' difference
+        node = f"w{i}"
+        expected = float(rows[("gossip", node)][8][:-1]) - float(rows[("isolated", node)][8][:-1])
+        gain = re.search(rf"{node} \(torch\) ([+-][\d.]+)", gains.group(1))
+        assert gain and abs(float(gain.group(1)) - expected) < 0.2, gains.group(1)
     png = Path(re.search(r"^plot: (.+)$", run.stdout, re.M).group(1))  # type: ignore[union-attr]
     assert png == (tmp_path / "dpwa-demo.png").resolve()
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     # Non-tty progress: plain lines, one per node, without terminal escapes.
     assert re.search(r"^\[gossip\] w1 torch .*step 200/200", run.stdout, re.M), run.stdout
     assert "\x1b[" not in run.stdout
+
+
+def test_mixed_frameworks_reach_consensus(tmp_path: Path) -> None:
+    """`dpwa demo --mixed`: a PyTorch, a Keras and a JAX node average one model."""
+    missing = [m for m in MIXED_NEEDS if importlib.util.find_spec(m) is None]
+    if missing:  # looked up, not imported: importing them here would cost seconds
+        pytest.skip(f"--mixed needs {', '.join(missing)}")
+    run = _demo(tmp_path, "--mixed", "--steps", "400")
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = _rows(run.stdout)
+    assert sorted(rows) == [("gossip", "w1"), ("gossip", "w2"), ("gossip", "w3")], run.stdout
+    assert [rows[("gossip", f"w{i}")][2] for i in (1, 2, 3)] == ["torch", "tensorflow", "jax"]
+    for cells in rows.values():
+        assert cells[3] == "400" and int(cells[4]) >= 100, cells  # trained, and pulled
+        # Alone, a node's third of the digits caps it near a third of the test set.
+        assert float(cells[8].rstrip("%")) > 50, run.stdout
+    # Consensus: from different seeds, the three models end close to their mean, far closer
+    # than they started (isolated nodes drift further apart instead).
+    start = distances_to_mean(
+        {n: np.load(tmp_path / "gossip" / "params" / f"{n}_000000.npy") for n in ("w1", "w2", "w3")}
+    )
+    end = [float(cells[9]) for cells in rows.values()]
+    assert min(start.values()) > 1.0, start
+    assert max(end) < 0.2 * min(start.values()), (start, run.stdout)
+    png = tmp_path / "dpwa-demo.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
 
 
 def test_a_failing_node_makes_the_exit_status_non_zero(tmp_path: Path) -> None:
@@ -107,6 +143,12 @@ def test_missing_packages_say_what_to_install(
     err = capsys.readouterr().err
     assert "matplotlib" in err and "pip install 'dpwa[demo]'" in err
     assert not (tmp_path / "out").exists()  # nothing started
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flax" else real(name, *a)
+    )
+    assert main(["demo", "--mixed", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "not installed: flax" in err and "pip install 'dpwa[all]'" in err
 
 
 def test_bad_options_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,6 +159,26 @@ def test_bad_options_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--interpolation", "bogus"]) == 1
     assert "Interpolation 'bogus' not found" in capsys.readouterr().err
     assert main(["demo", "--pull-probability", "2"]) == 2
+    assert main(["demo", "--mixed", "--frameworks", "torch"]) == 1
+    assert "--mixed sets the frameworks" in capsys.readouterr().err
+    assert main(["demo", "--mixed", "--nodes", "2"]) == 1
+    assert "--mixed needs at least 3 nodes" in capsys.readouterr().err
+
+
+def test_mixed_gives_each_framework_a_node() -> None:
+    assert MIXED == ("torch", "tensorflow", "jax")
+    assert node_frameworks(None, None, mixed=True) == ["torch", "tensorflow", "jax"]
+    assert node_frameworks(5, None, mixed=True) == [
+        "torch",
+        "tensorflow",
+        "jax",
+        "torch",
+        "tensorflow",
+    ]
+    assert node_frameworks(None, None, mixed=False) == ["torch"] * 4
+    assert node_frameworks(2, "jax,torch", mixed=False) == ["jax", "torch"]
+    assert node_frameworks(None, "jax,torch", mixed=False) == ["jax", "torch"]
+    assert node_frameworks(None, "jax", mixed=False) == ["jax"] * 4
 
 
 def test_help_explains_the_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,6 +191,7 @@ def test_help_explains_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         "--pull-probability",
         "--out",
         "--compare",
+        "--mixed",
     ):
         assert option in out
 

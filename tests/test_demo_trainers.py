@@ -57,6 +57,19 @@ def test_trainer_learns_alone(framework: str, digits: Any) -> None:
     trainer.close()  # a no-op when not connected
 
 
+@pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
+def test_warm_up_leaves_the_model_as_it_was(framework: str, digits: Any) -> None:
+    trainer = build(framework, digits)
+    x, y = digits.shard(0)
+    before = trainer.flat()
+    scores = trainer.evaluate(x, y)
+    trainer.warm_up(x[:32], y[:32])
+    np.testing.assert_array_equal(trainer.flat(), before)
+    assert trainer.evaluate(x, y) == scores
+    trainer.train_step(x[:32], y[:32])  # and training still moves it
+    assert not np.array_equal(trainer.flat(), before)
+
+
 @pytest.mark.parametrize("framework", ["tensorflow", "jax"])
 def test_trainer_matches_the_torch_trainer(framework: str, digits: Any) -> None:
     """Same layout as TorchTrainer's, and with TorchTrainer's weights the same predictions."""

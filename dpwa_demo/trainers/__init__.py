@@ -39,6 +39,13 @@ class Trainer(Protocol):
     def connect(self, config: Any, name: str) -> None:
         """Join the cluster as node ``name``; without this call the trainer trains alone."""
 
+    def warm_up(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Compile the training step on a batch, leaving the model as it was.
+
+        Frameworks that compile on first use (JAX's ``jit``, Keras's traced train function)
+        do it here, before the node joins, so its first real steps are not seconds long.
+        """
+
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         """Run one SGD step on a batch (with gossip around it when connected); return the loss."""
 

@@ -6,6 +6,10 @@ JAX parameters are immutable, so averaging returns new ones and the loop keeps t
     gossip.update_send(loss, params)
     params = sgd_update(params, grads)
     params = gossip.update_wait(loss, params)
+
+Unlike the other trainers this one sets no thread limit: JAX's CPU backend runs this model's
+small operations on one thread already (its CPU time equals its wall time, with or without
+``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``).
 """
 
 from __future__ import annotations
@@ -72,6 +76,16 @@ class JaxTrainer:
     def connect(self, config: Any, name: str) -> None:
         """Join the cluster as node ``name``; without this call the trainer trains alone."""
         self.gossip = dpwa_core.connect(self.params, config, name, framework="jax")
+
+    def warm_up(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Compile the jitted step and scores on a batch; the results are dropped.
+
+        A jitted call returns once compiled and dispatched, so nothing needs waiting for.
+        """
+        labels = y.astype(np.int32)
+        _, grads = self._loss_and_grads(self.params, x, labels)
+        self._update(self.params, grads)
+        self._scores(self.params, x, labels)
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         """Run one SGD step on a batch (with gossip around it when connected); return the loss."""

@@ -51,6 +51,13 @@ class KerasTrainer:
         """Join the cluster as node ``name``; without this call the trainer trains alone."""
         self.gossip = dpwa_core.connect(self.model, config, name, framework="tensorflow")
 
+    def warm_up(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Trace the train and predict functions on a batch, then restore the weights."""
+        weights = self.model.get_weights()
+        self.model.train_on_batch(x, y)
+        self.model.set_weights(weights)  # plain SGD keeps no other state worth restoring
+        self._batch_loss(x, y)
+
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         """Run one SGD step on a batch (with gossip around it when connected); return the loss."""
         if self.gossip is not None:

@@ -43,6 +43,9 @@ class TorchTrainer:
         """Join the cluster as node ``name``; without this call the trainer trains alone."""
         self.gossip = dpwa_core.connect(self.model, config, name, framework="torch")
 
+    def warm_up(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Nothing to compile: PyTorch runs eagerly, and its first step is already fast."""
+
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         """Run one SGD step on a batch (with gossip around it when connected); return the loss."""
         inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
