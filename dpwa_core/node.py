@@ -121,7 +121,12 @@ class Node:
         self._snapshots: SnapshotBuffer | None = None
         self._puller: Puller | None = None
         self._pending: Ticket | None = None
-        self._counts = {"pulls_ok": 0, "pulls_failed": 0, "pulls_timed_out": 0}
+        self._counts = {
+            "pulls_ok": 0,
+            "pulls_failed": 0,
+            "pulls_timed_out": 0,
+            "pulls_not_ready": 0,
+        }
         self._last_factor: float | None = None
         self._last_age: float | None = None
         self._lock = threading.Lock()
@@ -294,8 +299,8 @@ class Node:
             ``bytes_in``, ``bytes_out``, ``rejected`` (connections refused for a bad request, a
             failed handshake or a timeout), ``rejected_nonfinite`` (peers' answers refused for
             holding NaN or Inf), ``evicted`` (idle connections closed to make room),
-            ``connections`` (open now), ``snapshots_skipped``, ``pulls_not_ready`` (failed
-            pulls that found the peer up but not yet publishing), ``pulls_shm`` and
+            ``connections`` (open now), ``snapshots_skipped``, ``pulls_not_ready`` (pulls
+            that found the peer up but not publishing yet; not counted as failed), ``pulls_shm`` and
             ``served_shm`` (pulls and answers through shared memory, counted in the totals too),
             ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock``,
             ``scores`` (each peer's flow-control score) and ``peers`` (per peer: ``score`` and
@@ -313,7 +318,6 @@ class Node:
         stats["connections"] = self._server.connections
         stats["bytes_in"] = self._puller.bytes_in if self._puller else 0
         stats["pulls_shm"] = self._puller.pulls_shm if self._puller else 0
-        stats["pulls_not_ready"] = self._puller.not_ready if self._puller else 0
         stats["served_shm"] = self._server.served_shm
         stats["snapshots_skipped"] = self._snapshots.skipped if self._snapshots else 0
         stats["clock"] = self.clock
@@ -408,10 +412,12 @@ class Node:
             self._puller.submit(self._pending)
 
     def _count(self, outcome: Outcome | None) -> None:
-        key = {Outcome.OK: "pulls_ok", Outcome.TIMED_OUT: "pulls_timed_out"}.get(
-            outcome,  # type: ignore[arg-type]
-            "pulls_failed",
-        )
+        names = {
+            Outcome.OK: "pulls_ok",
+            Outcome.TIMED_OUT: "pulls_timed_out",
+            Outcome.NOT_READY: "pulls_not_ready",
+        }
+        key = names.get(outcome, "pulls_failed")  # type: ignore[arg-type]
         with self._lock:
             self._counts[key] += 1
 

@@ -63,6 +63,8 @@ class Outcome(enum.Enum):
     OK = "ok"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
+    NOT_READY = "not_ready"
+    """The peer is up but has published nothing yet: no parameters, no penalty."""
 
 
 @dataclass
@@ -172,8 +174,6 @@ class Puller:
         self._queue: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
         self._warn = OncePerPeer(_log)
         self._failing: dict[str, int] = {}  # peer -> failed pulls since its last success
-        self.not_ready = 0
-        """Pulls that found the peer up but not yet publishing (counted as failed too)."""
         self.bytes_in = 0
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"dpwa-puller-{name}", daemon=True)
@@ -228,8 +228,7 @@ class Puller:
             )
             ticket.resolve(Outcome.TIMED_OUT, peer.name)
         except _NotReady:
-            self.not_ready += 1
-            ticket.resolve(Outcome.FAILED, peer.name)  # alive, just not started: no penalty
+            ticket.resolve(Outcome.NOT_READY, peer.name)
         except _NonFinite:
             self.rejected_nonfinite += 1
             self._peers.record_failure(peer.name)

@@ -25,6 +25,7 @@ def train(name: str, config: Path, steps: int) -> None:
 
     import dpwa_core
 
+    torch.set_num_threads(1)  # two nodes share this machine's cores: one thread each
     index = int(name[1:])
     generator = torch.Generator().manual_seed(0)
     true_w = torch.randn(16, 1, generator=generator)

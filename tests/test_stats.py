@@ -117,7 +117,7 @@ def test_a_peer_not_started_yet_counts_as_not_ready() -> None:
         a.update_send(params(1.0), 1.0)  # w2 listens but has published nothing
         assert a.update_wait(1.0) is None
         stats = a.stats()
-        assert (stats["pulls_failed"], stats["pulls_not_ready"]) == (1, 1)
+        assert (stats["pulls_failed"], stats["pulls_not_ready"]) == (0, 1)
         assert stats["scores"] == {"w2": 1.0}  # an idle peer is not penalised
 
 
