@@ -40,6 +40,7 @@ __all__ = [
     "available_adapters",
     "detect_adapter",
     "get_adapter",
+    "lerp_inplace",
     "register_adapter",
     "unregister_adapter",
     "validate_factor",
@@ -56,6 +57,9 @@ StateT = TypeVar("StateT")
 the type they were given (the same object for PyTorch, a new one for immutable frameworks)."""
 
 _GENERIC_HINT = "install the package that provides it"
+
+_LERP_CHUNK = 64 * 1024
+"""Elements blended at a time by :func:`lerp_inplace`: its scratch stays in the CPU's cache."""
 
 # One lock guards the three caches below; adapters are looked up from training and gossip
 # threads alike, and "one instance per adapter class" must hold across them.
@@ -157,11 +161,29 @@ class Adapter(abc.ABC):
             AdapterError: ``flat`` is invalid; the model is left untouched.
         """
 
+    def prepare(self, state: StateT, *, zero_copy: bool = True) -> StateT:
+        """Get a model ready for gossip; :func:`dpwa_core.connect` calls it once.
+
+        Adapters use it to arrange the model so that :meth:`to_flat`, :meth:`from_flat` and
+        :meth:`interpolate` move as little memory as possible (the PyTorch adapter makes a CPU
+        model's parameters views into one flat buffer). This default changes nothing.
+
+        Args:
+            state: a model this adapter handles.
+            zero_copy: False asks the adapter to leave the model's memory as it is.
+
+        Returns:
+            The state to train and gossip with (``state`` itself, for in-place frameworks).
+        """
+        return state
+
     def interpolate(self, state: StateT, peer: FlatArray, factor: float) -> StateT:
         """Blend a peer's vector into the model: ``state = (1 - factor) * state + factor * peer``.
 
-        This default goes through :meth:`to_flat` and :meth:`from_flat`; adapters of frameworks
-        with mutable tensors override it to work tensor by tensor, in place.
+        This default goes through :meth:`to_flat` and :meth:`from_flat`, so it holds one
+        model-sized vector (the model's own values) while it blends them in place, a block at a
+        time (:func:`lerp_inplace`); adapters of frameworks with mutable tensors override it to
+        work tensor by tensor, in place.
 
         Args:
             state: a model this adapter handles.
@@ -177,9 +199,7 @@ class Adapter(abc.ABC):
         validate_flat(peer, self.layout(state), name="peer")
         weight = validate_factor(factor)
         blended = self.to_flat(state)
-        # (1 - f) * a + f * b rather than a + f * (b - a): factor 1 then yields the peer exactly.
-        blended *= np.float32(1.0 - weight)
-        blended += np.float32(weight) * peer
+        lerp_inplace(blended, peer, weight)
         return self.from_flat(state, blended)
 
     def callback(self, gossip: Any, **options: Any) -> object:
@@ -271,6 +291,55 @@ def validate_factor(factor: float) -> float:
     if not math.isfinite(weight) or not 0.0 <= weight <= 1.0:
         raise AdapterError(f"interpolation factor must be a number in [0, 1], got {factor!r}")
     return weight
+
+
+def lerp_inplace(local: np.ndarray, peer: np.ndarray, factor: float) -> np.ndarray:
+    """Blend ``peer`` into ``local`` in place: ``local = local + factor * (peer - local)``.
+
+    Works a block of 64 Ki elements at a time, so the only scratch is one block, whatever the
+    size of the arrays. It uses ``torch.lerp``'s formula (``peer - (peer - local) * (1 -
+    factor)`` from ``factor`` 0.5 on), so ``factor`` 0 keeps ``local`` and 1 gives ``peer``
+    exactly.
+
+    Args:
+        local: writable float array, blended in place (any shape).
+        peer: array of ``local``'s shape.
+        factor: how much of the peer to take; not validated here (see :func:`validate_factor`).
+
+    Returns:
+        ``local``.
+
+    Raises:
+        ValueError: the shapes differ or ``local`` is read-only.
+
+    Example:
+        >>> lerp_inplace(np.array([0.0, 4.0], np.float32), np.array([2.0, 0.0], np.float32), 0.5)
+        array([1., 2.], dtype=float32)
+    """
+    if local.shape != peer.shape:
+        raise ValueError(f"cannot blend arrays of shapes {local.shape} and {peer.shape}")
+    if not local.flags.writeable:
+        raise ValueError("the array to blend into is read-only")
+    mine = local.reshape(-1)  # a view for contiguous arrays; else blended below and copied back
+    theirs = peer.reshape(-1)
+    weight = local.dtype.type(factor)
+    far = factor >= 0.5
+    if far:
+        weight = local.dtype.type(1.0 - factor)
+    scratch = np.empty(min(_LERP_CHUNK, mine.size), local.dtype)
+    for start in range(0, mine.size, _LERP_CHUNK):
+        stop = min(start + _LERP_CHUNK, mine.size)
+        part = scratch[: stop - start]
+        target = mine[start:stop]
+        np.subtract(theirs[start:stop], target, out=part)  # peer - local
+        part *= weight
+        if far:
+            np.subtract(theirs[start:stop], part, out=target)
+        else:
+            target += part
+    if not np.shares_memory(mine, local):
+        local[...] = mine.reshape(local.shape)
+    return local
 
 
 def get_adapter(framework: str) -> Adapter:

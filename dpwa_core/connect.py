@@ -108,6 +108,7 @@ def connect(
     framework: str | None = None,
     *,
     seed: int | None = None,
+    zero_copy: bool = True,
 ) -> Gossip[State]:
     """Start a node for ``model`` and return the handle the training loop calls.
 
@@ -120,6 +121,11 @@ def connect(
             ...). None picks it from the model's type, trying only frameworks that are
             already imported.
         seed: seeds the node's random choices.
+        zero_copy: let the adapter rearrange the model's memory so that publishing and
+            interpolating move as little as possible (:meth:`Adapter.prepare`): a PyTorch
+            model on the CPU gets its float32 parameters as views into one flat buffer, so
+            publishing is one memcpy and interpolating one pass (docs/ADAPTERS.md). False
+            leaves the model's tensors where they are.
 
     Returns:
         A :class:`Gossip` handle.
@@ -137,4 +143,9 @@ def connect(
     """
     adapter = get_adapter(framework) if framework is not None else detect_adapter(model)
     node = Node(config, name, layout=adapter.layout(model), seed=seed)
+    try:
+        model = adapter.prepare(model, zero_copy=zero_copy)
+    except BaseException:
+        node.close()
+        raise
     return Gossip(node, adapter, model)

@@ -24,6 +24,7 @@ from dpwa_core.adapters import (
     available_adapters,
     detect_adapter,
     get_adapter,
+    lerp_inplace,
     register_adapter,
     unregister_adapter,
     validate_factor,
@@ -173,6 +174,43 @@ def test_registered_adapter_round_trips_and_interpolates(list_adapter: type) -> 
     assert state == pytest.approx([3.0, 4.0, 5.0])
     adapter.interpolate(state, np.array([7.0, 8.0, 9.0], np.float32), 1.0)
     assert state == [7.0, 8.0, 9.0]
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.2, 0.5, 0.75, 1.0])
+def test_lerp_inplace_blends_in_blocks(factor: float) -> None:
+    rng = np.random.default_rng(0)
+    size = 3 * 64 * 1024 + 17  # several blocks and a ragged end
+    local = rng.standard_normal(size).astype(np.float32)
+    peer = rng.standard_normal(size).astype(np.float32)
+    start = local.copy()
+    assert lerp_inplace(local, peer, factor) is local
+    expected = (1 - factor) * start.astype(np.float64) + factor * peer.astype(np.float64)
+    np.testing.assert_allclose(local, expected, rtol=0, atol=1e-6)
+    if factor in (0.0, 1.0):  # the ends are exact
+        np.testing.assert_array_equal(local, start if factor == 0.0 else peer)
+
+
+def test_lerp_inplace_handles_shapes_and_strides_and_refuses_mismatches() -> None:
+    local = np.arange(12, dtype=np.float32).reshape(3, 4)
+    lerp_inplace(local, np.zeros((3, 4), np.float32), 0.5)
+    np.testing.assert_array_equal(local, np.arange(12).reshape(3, 4) / 2)
+    strided = np.arange(8, dtype=np.float32)[::2]  # not contiguous: blended and written back
+    lerp_inplace(strided, np.full(4, 10, np.float32), 1.0)
+    assert strided.tolist() == [10.0] * 4
+    with pytest.raises(ValueError, match="shapes"):
+        lerp_inplace(np.zeros(3, np.float32), np.zeros(4, np.float32), 0.5)
+    frozen = np.zeros(3, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        lerp_inplace(frozen, np.ones(3, np.float32), 0.5)
+
+
+def test_prepare_defaults_to_the_state_itself(list_adapter: type) -> None:
+    state = [1.0, 2.0]
+    adapter = get_adapter("pylist")
+    assert adapter.prepare(state) is state
+    assert adapter.prepare(state, zero_copy=False) is state
+    assert state == [1.0, 2.0]
 
 
 def test_base_interpolate_validates_before_writing(list_adapter: type) -> None:

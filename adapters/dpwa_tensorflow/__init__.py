@@ -32,7 +32,14 @@ from typing import Any, ClassVar
 import keras
 import numpy as np
 
-from dpwa_core.adapters import Adapter, FlatArray, StateT, validate_factor, validate_flat
+from dpwa_core.adapters import (
+    Adapter,
+    FlatArray,
+    StateT,
+    lerp_inplace,
+    validate_factor,
+    validate_flat,
+)
 from dpwa_core.errors import AdapterError
 from dpwa_core.layout import Layout
 from dpwa_tensorflow.callback import GossipCallback
@@ -151,13 +158,13 @@ class KerasAdapter(Adapter):
         variables = _variables(state)
         validate_flat(peer, Layout(tuple(v.shape) for v in variables), name="peer")
         weight = validate_factor(factor)
-        keep, take = np.float32(1.0 - weight), np.float32(weight)
         start = 0
         for variable in variables:
             stop = start + int(np.prod(variable.shape, dtype=np.int64))
-            current = np.asarray(_read(variable), dtype=np.float32)
-            blended = current * keep
-            blended += take * peer[start:stop].reshape(variable.shape)
+            # One float32 copy of this variable (the read may share the variable's memory),
+            # blended in place a block at a time: the scratch is one variable, not the model.
+            blended = np.array(_read(variable), dtype=np.float32)
+            lerp_inplace(blended, peer[start:stop].reshape(variable.shape), weight)
             variable.assign(_cast(blended, variable))
             start = stop
         return state

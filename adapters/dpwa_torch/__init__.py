@@ -11,6 +11,11 @@ PyTorch node can average with a Keras or JAX node of the same architecture (see
 :mod:`dpwa_torch._plan`). Tensors of any floating dtype and on any device are converted to
 float32 on the CPU on the way out and back to their own dtype and device on the way in.
 
+Zero-copy: :func:`flatten_` (which ``dpwa_core.connect`` applies to CPU models, through
+:meth:`TorchAdapter.prepare`) makes the float32 parameters and buffers strided views into one
+flat float32 tensor in the canonical layout; ``to_flat`` and ``from_flat`` are then one memcpy
+and ``interpolate`` one ``lerp_`` (see :mod:`dpwa_torch._flat`).
+
 Example:
     >>> import torch
     >>> from dpwa_core.adapters import get_adapter
@@ -25,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import numpy as np
@@ -33,9 +39,12 @@ from torch.utils.dlpack import from_dlpack
 
 from dpwa_core.adapters import Adapter, FlatArray, StateT, validate_factor, validate_flat
 from dpwa_core.layout import Layout
+from dpwa_torch._flat import active, flat_buffer, flatten_, why_not
 from dpwa_torch._plan import is_tensor_dict, plan_for
 
-__all__ = ["TorchAdapter"]
+__all__ = ["TorchAdapter", "flat_buffer", "flatten_"]
+
+_log = logging.getLogger("dpwa.torch")
 
 
 class TorchAdapter(Adapter):
@@ -43,7 +52,8 @@ class TorchAdapter(Adapter):
 
     Writes go straight into the model's own tensors under ``torch.no_grad()``; the list of
     tensors is cached per module and rebuilt when the module's parameters or buffers are
-    replaced.
+    replaced. A module flattened by :func:`flatten_` (``connect()`` does it for CPU modules,
+    see :meth:`prepare`) is served from its flat tensor: one copy or one ``lerp_`` in all.
 
     Example:
         >>> adapter = TorchAdapter()
@@ -67,6 +77,29 @@ class TorchAdapter(Adapter):
             True for modules and ``state_dict``-like mappings of names to tensors.
         """
         return isinstance(state, torch.nn.Module) or is_tensor_dict(state)
+
+    def prepare(self, state: StateT, *, zero_copy: bool = True) -> StateT:
+        """Flatten a CPU module (:func:`flatten_`) so that gossip copies it in one pass.
+
+        ``connect()`` calls this once. Modules on another device, modules without a float32
+        tensor, plain ``state_dict`` dicts and modules whose tensors partly share memory keep
+        the per-tensor copies (one INFO log line says why).
+
+        Args:
+            state: a module or a dict of tensors.
+            zero_copy: False keeps the module as it is.
+
+        Returns:
+            ``state`` itself (its parameters now view one flat tensor, when flattened).
+        """
+        if not zero_copy or not isinstance(state, torch.nn.Module):
+            return state
+        reason = why_not(state)
+        if reason is not None:
+            _log.info("not flattened, copying tensor by tensor: %s", reason)
+            return state
+        flatten_(state)
+        return state
 
     def layout(self, state: object) -> Layout:
         """Return the shapes of the floating-point tensors of ``state``, in buffer order.
@@ -102,6 +135,13 @@ class TorchAdapter(Adapter):
             out = np.empty(plan.layout.size, dtype=np.float32)
         else:
             validate_flat(out, plan.layout, name="out", writable=True)
+        flat = active(state, plan)
+        if flat is not None:
+            with torch.no_grad():
+                flat.gather()
+                # torch's copy uses the intra-op threads; with one thread it is a memcpy.
+                torch.from_numpy(out).copy_(flat.flat)
+            return out
         target = torch.from_numpy(out)
         with torch.no_grad():
             for tensor, start, stop, shape in plan.slices():
@@ -124,7 +164,17 @@ class TorchAdapter(Adapter):
             AdapterError: ``flat`` has the wrong type, dtype, shape or size; nothing is written.
         """
         plan = plan_for(state)
-        source = _as_tensor(validate_flat(flat, plan.layout))
+        validate_flat(flat, plan.layout)
+        record = active(state, plan)
+        if record is not None:
+            with torch.no_grad():
+                if flat.flags.c_contiguous:
+                    record.flat.copy_(_as_tensor(flat))
+                else:  # a strided vector is copied as it is, without a contiguous temporary
+                    np.copyto(record.array, flat)
+                record.scatter()
+            return state
+        source = _as_tensor(flat)
         with torch.no_grad():
             for tensor, start, stop, shape, inverse in plan.native_slices():
                 tensor.copy_(_native_view(source[start:stop], shape, inverse))
@@ -132,6 +182,9 @@ class TorchAdapter(Adapter):
 
     def interpolate(self, state: StateT, peer: FlatArray, factor: float) -> StateT:
         """Blend a peer's vector in place: each tensor ``t.lerp_(peer_slice, factor)``.
+
+        A flattened module takes one ``flat.lerp_(peer, factor)``; either way nothing
+        model-sized is allocated (the peer is viewed, not copied, when it is C-contiguous).
 
         Args:
             state: a module or a dict of tensors.
@@ -145,8 +198,16 @@ class TorchAdapter(Adapter):
             AdapterError: ``peer`` or ``factor`` is invalid; nothing is written.
         """
         plan = plan_for(state)
-        source = _as_tensor(validate_flat(peer, plan.layout, name="peer"))
+        validate_flat(peer, plan.layout, name="peer")
         weight = validate_factor(factor)
+        source = _as_tensor(peer)
+        record = active(state, plan)
+        if record is not None:
+            with torch.no_grad():
+                record.gather()
+                record.flat.lerp_(source, weight)
+                record.scatter()
+            return state
         with torch.no_grad():
             for tensor, start, stop, shape, inverse in plan.native_slices():
                 end = _native_view(source[start:stop], shape, inverse)
