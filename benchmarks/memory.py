@@ -22,11 +22,11 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import time
 from typing import Any
 
 import numpy as np
+from _ports import free_ports
 
 MiB = 1024 * 1024
 
@@ -39,16 +39,6 @@ def _private_bytes() -> int:
             if len(parts) >= 3 and parts[2] == "kB":
                 fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
     return fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-
-
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _blend(params: np.ndarray, peer: np.ndarray, factor: float, step: int = 1 << 18) -> None:
@@ -84,7 +74,7 @@ def _node(name: str, config: dict[str, Any], nbytes: int, seconds: float, out: A
 
 def measure(peers: int, nbytes: int, seconds: float, transport: str) -> dict[str, Any]:
     """Run one measured node with ``peers`` peers; return its memory figures."""
-    ports = _free_ports(peers + 1)
+    ports = free_ports(peers + 1)
     config = {
         "nodes": [
             {"name": f"w{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)

@@ -29,18 +29,9 @@ import time
 from typing import Any
 
 import numpy as np
+from _ports import free_ports
 
 MiB = 1024 * 1024
-
-
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 # --- raw socket ---------------------------------------------------------------------------
@@ -141,14 +132,14 @@ def measure(nbytes: int, repeats: int) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     rows: dict[str, float] = {}
     q = ctx.Queue()
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     rows["raw socket"] = _median_ms(
         _run([(_raw_server, (port, nbytes, repeats)), (_raw_client, (port, nbytes, repeats, q))], q)
     )
     try:
         import torch.distributed  # noqa: F401
 
-        port = _free_ports(1)[0]
+        port = free_ports(1)[0]
         rows["gloo"] = _median_ms(
             _run(
                 [(_gloo, (0, port, nbytes, repeats, q)), (_gloo, (1, port, nbytes, repeats, q))], q
@@ -167,7 +158,7 @@ def measure(nbytes: int, repeats: int) -> dict[str, float]:
 def _measure_node(
     ctx: Any, q: Any, nbytes: int, repeats: int, transport: str
 ) -> tuple[list[float], list[float]]:
-    ports = _free_ports(2)
+    ports = free_ports(2)
     config = {
         "nodes": [
             {"name": f"w{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)

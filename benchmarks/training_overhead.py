@@ -37,21 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import socket
 import statistics
 import sys
 import time
 from typing import Any
 
-
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from _ports import free_ports
 
 
 def _model(width: int, depth: int) -> Any:
@@ -256,7 +247,7 @@ def _cluster(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Two processes, each running one node per mode; a separate cluster per mode."""
     configs = {}
     for mode in args.modes:
-        ports = _free_ports(2)
+        ports = free_ports(2)
         configs[mode] = {
             "nodes": [
                 {"name": f"w{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)
