@@ -172,11 +172,13 @@ def _put(values: np.ndarray, like: jax.Array, dtype: Any = None) -> jax.Array:
     """Copy host values to where ``like`` lives (its device or sharding), in ``like``'s dtype.
 
     ``jax.device_put`` may keep using a numpy array's memory instead of copying it (it does on
-    the CPU for suitably aligned arrays), and the flat vector is often a buffer dpwa reuses for
-    the next pull. So the values are first copied into an array of their own (converting the
-    dtype in the same pass), which jax may then adopt.
+    the CPU for 64-byte aligned arrays), and the flat vector is often a buffer dpwa reuses for
+    the next pull. So the values are first copied into a 64-byte aligned array of their own
+    (converting the dtype in the same pass), which jax on the CPU then adopts without a second
+    copy.
     """
-    owned = np.array(values, dtype=like.dtype if dtype is None else dtype, copy=True)
+    owned = _aligned_empty(values.shape, like.dtype if dtype is None else dtype)
+    np.copyto(owned, values, casting="unsafe")
     try:
         placed: jax.Array = jax.device_put(owned, like.sharding)
         return placed
@@ -185,6 +187,18 @@ def _put(values: np.ndarray, like: jax.Array, dtype: Any = None) -> jax.Array:
             f"cannot place a {values.shape} array like the model's leaf: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+_ALIGN = 64
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    offset = -raw.ctypes.data % _ALIGN
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 @partial(jax.jit, donate_argnums=())
