@@ -91,39 +91,20 @@ def test_a_users_own_sigterm_handler_is_left_alone(make_cluster: Cluster) -> Non
         signal.signal(signal.SIGTERM, previous)
 
 
-def kept_port(node: Node) -> int:
-    """Local port of ``node``'s kept-alive connection to w1 (changes when it reconnects)."""
-    assert node._puller is not None
-    return int(node._puller._conns["w1"][0].getsockname()[1])
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_that_gets_sigterm_leaves_the_parents_node_alone(
-    make_cluster: Cluster,
+    make_cluster: Cluster, tmp_path: Path
 ) -> None:
-    """Data-loader workers are forked and may be terminated; the parent's sockets survive."""
-    config = make_cluster(2)
-    with Node(config, "w1") as a, Node(config, "w2") as b:
-        a.update_send(np.ones(10, np.float32), 1.0)
+    """Data-loader workers are forked and may be terminated; the parent's sockets survive.
 
-        def pull() -> bool:
-            b.update_send(np.zeros(10, np.float32), 1.0)
-            return b.update_wait(1.0) is not None
-
-        assert any(pull() for _ in range(50))  # b now holds a kept-alive connection to a
-        before = kept_port(b)
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: say it is up, then wait for the signal like a worker
-            os.write(ready_w, b"x")
-            time.sleep(30)
-            os._exit(0)
-        os.read(ready_r, 1)  # a signal that arrives while fork() is returning may be lost
-        os.close(ready_r)
-        os.close(ready_w)
-        os.kill(pid, signal.SIGTERM)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
-        assert all(pull() for _ in range(5))
-        # The same kept-alive connection served them: the child did not shut it down.
-        assert kept_port(b) == before
+    Runs in a fresh interpreter: this pytest process may hold framework threads (JAX's) that
+    make forking it unsafe.
+    """
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(make_cluster(2)))
+    worker = Path(__file__).parent / "workers" / "fork_worker.py"
+    done = subprocess.run(
+        [sys.executable, str(worker), str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
