@@ -41,6 +41,7 @@ __all__ = [
     "detect_adapter",
     "get_adapter",
     "lerp_inplace",
+    "output_flat",
     "register_adapter",
     "unregister_adapter",
     "validate_factor",
@@ -222,6 +223,21 @@ class Adapter(abc.ABC):
             f"the {type(self).__name__} ({self.framework_name}) has no training callback; call "
             "gossip.update_send(loss) before each step and gossip.update_wait(loss) after it"
         )
+
+
+def output_flat(out: object | None, layout: Layout) -> FlatArray:
+    """The buffer a ``to_flat(state, out=out)`` call fills: ``out`` once checked, or a new one.
+
+    Args:
+        out: ``None``, or the caller's writable, C-contiguous float32 array.
+        layout: the layout it must hold.
+
+    Raises:
+        AdapterError: ``out`` does not fit ``layout`` or cannot be written.
+    """
+    if out is None:
+        return np.empty(layout.size, dtype=np.float32)
+    return validate_flat(out, layout, name="out", writable=True)
 
 
 def validate_flat(

@@ -34,7 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpwa_core.adapters import Adapter, FlatArray, StateT, validate_factor, validate_flat
+from dpwa_core.adapters import (
+    Adapter,
+    FlatArray,
+    StateT,
+    output_flat,
+    validate_factor,
+    validate_flat,
+)
 from dpwa_core.errors import AdapterError
 from dpwa_core.layout import Layout
 from dpwa_jax._tree import is_jax_tree, plan_for, rebuild, remember_order
@@ -99,10 +106,7 @@ class JaxAdapter(Adapter):
             AdapterError: ``out`` does not fit, or ``state`` is not handled.
         """
         plan = plan_for(state)
-        if out is None:
-            out = np.empty(plan.layout.size, dtype=np.float32)
-        else:
-            validate_flat(out, plan.layout, name="out", writable=True)
+        out = output_flat(out, plan.layout)
         for index, leaf in enumerate(plan.leaves):
             start, stop = plan.offsets[index], plan.offsets[index + 1]
             # np.asarray views a CPU array without copying (and fetches a device one), so each
@@ -198,7 +202,8 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(nbytes + _ALIGN, np.uint8)
     offset = -raw.ctypes.data % _ALIGN
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+    aligned: np.ndarray = raw[offset : offset + nbytes].view(dtype).reshape(shape)
+    return aligned
 
 
 @partial(jax.jit, donate_argnums=())

@@ -37,6 +37,7 @@ from dpwa_core.adapters import (
     FlatArray,
     StateT,
     lerp_inplace,
+    output_flat,
     validate_factor,
     validate_flat,
 )
@@ -104,10 +105,7 @@ class KerasAdapter(Adapter):
         """
         variables = _variables(state)
         layout = Layout(tuple(v.shape) for v in variables)
-        if out is None:
-            out = np.empty(layout.size, dtype=np.float32)
-        else:
-            validate_flat(out, layout, name="out", writable=True)
+        out = output_flat(out, layout)
         start = 0
         for variable in variables:
             stop = start + int(np.prod(variable.shape, dtype=np.int64))

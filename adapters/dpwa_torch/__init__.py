@@ -37,7 +37,14 @@ import numpy as np
 import torch
 from torch.utils.dlpack import from_dlpack
 
-from dpwa_core.adapters import Adapter, FlatArray, StateT, validate_factor, validate_flat
+from dpwa_core.adapters import (
+    Adapter,
+    FlatArray,
+    StateT,
+    output_flat,
+    validate_factor,
+    validate_flat,
+)
 from dpwa_core.layout import Layout
 from dpwa_torch._flat import active, flat_buffer, flatten_, why_not
 from dpwa_torch._plan import is_tensor_dict, plan_for
@@ -131,10 +138,7 @@ class TorchAdapter(Adapter):
             AdapterError: ``out`` does not fit, or ``state`` is not handled.
         """
         plan = plan_for(state)
-        if out is None:
-            out = np.empty(plan.layout.size, dtype=np.float32)
-        else:
-            validate_flat(out, plan.layout, name="out", writable=True)
+        out = output_flat(out, plan.layout)
         flat = active(state, plan)
         if flat is not None:
             with torch.no_grad():
