@@ -66,6 +66,8 @@ class _Connection:
     open_done: bool = False
     """The opening (TLS, handshake, first request) is over."""
     evicted: bool = False
+    scratch: np.ndarray | None = None
+    """Conversion buffer for answers in a narrower wire dtype, made at the first one."""
 
 
 class Server:
@@ -353,15 +355,16 @@ class Server:
     def _handle(self, conn: _Connection, request: Header) -> None:
         if request.type is not MessageType.PULL:
             raise ProtocolError(f"expected a PULL request, got {request.type.name}")
-        if not self._answer(conn.sock, request, conn.peer):
+        if not self._answer(conn, request):
             raise _Done
 
     def _refuse(self, sock: socket.socket, kind: MessageType) -> None:
         with contextlib.suppress(OSError):  # best effort: the log line is what matters
             send_all(sock, encode_header(kind), time.monotonic() + min(self.timeout, 1.0))
 
-    def _answer(self, conn: socket.socket, request: Header, peer: str) -> bool:
+    def _answer(self, connection: _Connection, request: Header) -> bool:
         """Answer one PULL; False when the connection must close."""
+        conn, peer = connection.sock, connection.peer
         size, shape_hash = request.size, request.shape_hash
         source = self._source
         if source is None:
@@ -424,7 +427,11 @@ class Server:
                     dtype=dtype,
                 )
                 send_all(conn, reply, deadline)
-                scratch = _EMPTY if dtype is WireDType.FLOAT32 else _scratch()
+                scratch = _EMPTY
+                if dtype is not WireDType.FLOAT32:
+                    if connection.scratch is None:
+                        connection.scratch = np.empty(CHUNK_ELEMENTS * 2, np.uint8)
+                    scratch = connection.scratch
                 for chunk in encode_chunks(snapshot.params, dtype, scratch):
                     send_all(conn, chunk, deadline)
                 sent = HEADER.size + layout.size * dtype.itemsize
@@ -436,12 +443,7 @@ class Server:
         return True
 
 
-_EMPTY = np.empty(0, np.uint8)
-
-
-def _scratch() -> np.ndarray:
-    """A conversion buffer for one answer in a narrower wire dtype (bounded, not model-sized)."""
-    return np.empty(CHUNK_ELEMENTS * 2, np.uint8)
+_EMPTY = np.empty(0, np.uint8)  # float32 answers are sent straight from the snapshot
 
 
 class _Done(Exception):
