@@ -454,6 +454,9 @@ class Puller:
             kept[0].close()
 
     def _drop_forgotten(self) -> None:
+        """Close the connections and unmap the segments of peers removed from the table."""
         known = set(self._peers.names())
         for name in [n for n in self._conns if n not in known]:
             self._close(name)
+        for name in [n for n in self._segments if n not in known]:
+            self._segments.pop(name).close()
