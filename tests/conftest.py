@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 
@@ -43,3 +47,23 @@ def cluster(count: int, **options: Any) -> dict[str, Any]:
 def make_cluster() -> Callable[..., dict[str, Any]]:
     """Factory fixture: ``make_cluster(3, timeout_ms=200)`` returns a config mapping."""
     return cluster
+
+
+def wait_files(
+    folder: Path,
+    files: list[str],
+    procs: Mapping[str, subprocess.Popen[bytes]],
+    seconds: float = 180.0,
+) -> None:
+    """Wait until every file exists in ``folder``; fail at once if a node process dies."""
+    deadline = time.monotonic() + seconds
+    while not all((folder / f).exists() for f in files):
+        for name, proc in procs.items():
+            assert proc.poll() is None, f"node {name} died with exit code {proc.returncode}"
+        assert time.monotonic() < deadline, f"timed out waiting for {files}"
+        time.sleep(0.05)
+
+
+def spread(params: np.ndarray) -> float:
+    """Largest distance of a node's parameters (one row each) to the mean of all nodes'."""
+    return float(np.linalg.norm(params - params.mean(axis=0), axis=1).max())

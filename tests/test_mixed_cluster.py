@@ -11,31 +11,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import cluster
+from conftest import cluster, spread, wait_files
 
 WORKER = Path(__file__).parent / "workers" / "mixed_worker.py"
 FRAMEWORKS = {"w1": "torch", "w2": "keras", "w3": "jax"}
 TRAIN_STEPS = 30
-
-
-def _wait_files(folder: Path, files: list[str], procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + 300  # three framework imports on a loaded machine
-    while not all((folder / f).exists() for f in files):
-        for name, proc in procs.items():
-            assert proc.poll() is None, f"node {name} died with exit code {proc.returncode}"
-        assert time.monotonic() < deadline, f"timed out waiting for {files}"
-        time.sleep(0.05)
-
-
-def spread(params: np.ndarray) -> float:
-    """Largest distance of a node's parameters to the mean of all nodes'."""
-    return float(np.linalg.norm(params - params.mean(axis=0), axis=1).max())
 
 
 def test_torch_keras_and_jax_nodes_reach_consensus(tmp_path: Path) -> None:
@@ -54,11 +39,11 @@ def test_torch_keras_and_jax_nodes_reach_consensus(tmp_path: Path) -> None:
         for name, kind in FRAMEWORKS.items()
     }
     try:
-        _wait_files(tmp_path, [f"{n}.done" for n in names], procs)
+        wait_files(tmp_path, [f"{n}.done" for n in names], procs, 300)  # 3 framework imports
         (tmp_path / "settle").touch()
-        _wait_files(tmp_path, [f"{n}.settled" for n in names], procs)
+        wait_files(tmp_path, [f"{n}.settled" for n in names], procs)
         (tmp_path / "stop").touch()
-        _wait_files(tmp_path, [f"{n}.json" for n in names], procs)
+        wait_files(tmp_path, [f"{n}.json" for n in names], procs)
         (tmp_path / "exit").touch()
         for name, proc in procs.items():
             assert proc.wait(timeout=60) == 0, f"{name} exited with {proc.returncode}"

@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
-from conftest import cluster
+from conftest import cluster, spread, wait_files
 
 WORKER = Path(__file__).parent / "workers" / "gossip_worker.py"
 
@@ -31,9 +30,9 @@ def run_cluster(tmp_path: Path, count: int, kind: str, min_rounds: int, **option
         for name in names
     }
     try:
-        _wait_files(tmp_path, [f"{n}.done" for n in names], procs)
+        wait_files(tmp_path, [f"{n}.done" for n in names], procs)
         (tmp_path / "stop").touch()
-        _wait_files(tmp_path, [f"{n}.json" for n in names], procs)
+        wait_files(tmp_path, [f"{n}.json" for n in names], procs)
         (tmp_path / "exit").touch()
         for name, proc in procs.items():
             assert proc.wait(timeout=30) == 0, f"{name} exited with {proc.returncode}"
@@ -45,20 +44,6 @@ def run_cluster(tmp_path: Path, count: int, kind: str, min_rounds: int, **option
     final = np.stack([np.load(tmp_path / f"{n}.final.npy") for n in names])
     stats = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in names}
     return init, final, stats
-
-
-def _wait_files(folder: Path, files: list[str], procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + 180
-    while not all((folder / f).exists() for f in files):
-        for name, proc in procs.items():
-            assert proc.poll() is None, f"node {name} died with exit code {proc.returncode}"
-        assert time.monotonic() < deadline, f"timed out waiting for {files}"
-        time.sleep(0.05)
-
-
-def spread(params: np.ndarray) -> float:
-    """Largest distance of a node's parameters to the mean of all nodes'."""
-    return float(np.linalg.norm(params - params.mean(axis=0), axis=1).max())
 
 
 @pytest.mark.parametrize(
