@@ -39,6 +39,8 @@ def train(name: str, config: Path, steps: int) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     with dpwa_core.connect(model, config, name) as gossip:
         gossip.node.wait_for_peers(timeout=30)  # start together: this job is only seconds long
+        error = (model.weight.detach().T - true_w).norm().item()
+        print(f"step    0  |w - w*| {error:.4f}", flush=True)
         loss = float("nan")
         for step in range(1, steps + 1):
             batch = torch.randint(0, 1000, (32,))
