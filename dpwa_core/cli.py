@@ -189,9 +189,12 @@ def _add_config(subparsers: _Subparsers) -> None:
     actions = parser.add_subparsers(title="config commands", metavar="ACTION")
     init = actions.add_parser(
         "init",
-        help="write a commented config for N nodes on one host",
+        help="write a commented config for N nodes on one host or several",
         description="Write a commented config for nodes w1 .. wN on one host, with consecutive "
-        "ports and every other key at its default. Prints it unless -o is given.",
+        "ports and every other key at its default. With --host h1,h2,... the nodes are spread "
+        "in blocks (w1..wK on h1, the next K on h2, ...; K = ceil(N / hosts)), each host's ports "
+        "counting from --base-port: the order in which srun and torchrun number their "
+        "processes, so rank i finds nodes[i] on its own host. Prints it unless -o is given.",
     )
     config_template.add_init_arguments(init)
     init.set_defaults(handler=config_template.init_command)

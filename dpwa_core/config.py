@@ -38,12 +38,11 @@ from dpwa_core._log import get_logger
 from dpwa_core.auth import AuthSettings, file_is_private, load_secret
 from dpwa_core.errors import ConfigError, PluginError
 from dpwa_core.hookspec import Strategy
+from dpwa_core.launchers import ARGUMENT_SOURCE, NODE_ENV, NodeChoice, node_from_environment
+from dpwa_core.launchers import ways_to_choose as _ways_to_choose
 from dpwa_core.tls import TlsSettings, server_context
 
 __all__ = ["NODE_ENV", "TRANSPORTS", "WIRE_DTYPES", "Config", "NodeSpec", "load_config"]
-
-NODE_ENV = "DPWA_NODE"
-"""Environment variable naming this process's node when no name is passed."""
 
 _SETTINGS = (
     "pull_probability",
@@ -184,29 +183,61 @@ class Config:
         )
 
     def resolve_name(self, name: str | None) -> str:
-        """Return this process's node name: ``name`` if given, else ``$DPWA_NODE``.
+        """Return this process's node name: ``name`` if given, else one the environment picks.
+
+        Without ``name``, ``$DPWA_NODE`` names the node; without it, the rank a launcher sets
+        (``RANK``, ``SLURM_PROCID``, ``OMPI_COMM_WORLD_RANK``, ``JOB_COMPLETION_INDEX``, checked
+        in that order) picks ``nodes[rank]``. :meth:`choose_node` also says which one did.
 
         Args:
-            name: the node name, or ``None`` to read the ``DPWA_NODE`` environment variable.
+            name: the node name, or ``None`` to read the environment.
 
         Returns:
             The name, checked to be one of the config's nodes.
 
         Raises:
-            ConfigError: neither is set, or the name is not in the config.
+            ConfigError: nothing names the node, the name is not in the config, or a launcher's
+                rank is not a whole number or has no node.
 
         Example:
             >>> config.resolve_name("w1")  # doctest: +SKIP
             'w1'
         """
-        if name is None:
-            name = os.environ.get(NODE_ENV) or None
-        if name is None:
+        return self.choose_node(name).name
+
+    def choose_node(self, name: str | None, environ: Mapping[str, str] | None = None) -> NodeChoice:
+        """Return this process's node and where its name came from.
+
+        The order: ``name``; ``$DPWA_NODE``; the first launcher rank variable that is set
+        (see :mod:`dpwa_core.launchers`), as an index into ``nodes``.
+
+        Args:
+            name: the node name, or ``None`` to read the environment.
+            environ: the environment to read; the process's own by default.
+
+        Returns:
+            A :class:`~dpwa_core.launchers.NodeChoice`: the node's name and its source, e.g.
+            ``"RANK=2 (torchrun)"``.
+
+        Raises:
+            ConfigError: as for :meth:`resolve_name`.
+
+        Example:
+            >>> config.choose_node(None).source  # doctest: +SKIP
+            'SLURM_PROCID=3 (Slurm srun)'
+        """
+        if name is not None:
+            return NodeChoice(self.node(name).name, ARGUMENT_SOURCE)
+        names = [spec.name for spec in self.nodes]
+        choice = node_from_environment(
+            names, os.environ if environ is None else environ, where=self.source
+        )
+        if choice is None:
             raise ConfigError(
                 f"{self.source}: which node is this process? Pass name= (one of "
-                f"{self._names()}) or set the {NODE_ENV} environment variable."
+                f"{self._names()}), {_ways_to_choose()}."
             )
-        return self.node(name).name
+        return choice
 
     def peers_of(self, name: str) -> tuple[NodeSpec, ...]:
         """Return every node except ``name``, in config order.
@@ -248,6 +279,32 @@ class Config:
             ConfigError: the new node list is invalid.
         """
         return dataclasses.replace(self, nodes=tuple(nodes))
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Return the config as a plain mapping that :func:`load_config` reads back.
+
+        It holds plain Python values only, so it can be written with ``yaml.safe_dump``. The
+        ``auth`` section is left out: the secret is never written anywhere. Relative TLS paths
+        have already been resolved against the original file's folder.
+
+        Returns:
+            ``nodes``, every setting, one section per strategy with options, and ``tls``.
+        """
+        mapping: dict[str, Any] = {
+            "nodes": [{"name": n.name, "host": n.host, "port": n.port} for n in self.nodes],
+            **{key: getattr(self, key) for key in _SETTINGS},
+            **{name: dict(options) for name, options in self.methods.items()},
+        }
+        if self.tls is not None:
+            mapping["tls"] = dataclasses.asdict(self.tls)
+        return mapping
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle support (Ray sends the config to its actors). The read-only option sections
+        # become plain dicts; unpickling checks everything again, on the receiving host.
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["methods"] = {name: dict(options) for name, options in self.methods.items()}
+        return (_restore, (values,))
 
     # Checks. Each raises a ConfigError that names the source, the key and the fix.
 
@@ -333,12 +390,18 @@ class Config:
             raise self._error(name, f"has invalid options: {exc} Fix the {name!r} section") from exc
 
 
-def load_config(path_or_mapping: str | os.PathLike[str] | Mapping[str, Any] | Config) -> Config:
+def load_config(
+    path_or_mapping: str | os.PathLike[str] | Mapping[str, Any] | Config,
+    *,
+    nodes: Iterable[NodeSpec] | None = None,
+) -> Config:
     """Load and check a config from a YAML file, a mapping, or return a Config as is.
 
     Args:
         path_or_mapping: a path to a YAML file, an already parsed mapping (or the original
             list layout), or a :class:`Config`.
+        nodes: a node list that replaces the source's; the source may then leave ``nodes``
+            out. Used where something else places the nodes (``dpwa_core.ray``).
 
     Returns:
         The checked :class:`Config`.
@@ -354,12 +417,12 @@ def load_config(path_or_mapping: str | os.PathLike[str] | Mapping[str, Any] | Co
         0.5
     """
     if isinstance(path_or_mapping, Config):
-        return path_or_mapping
+        return path_or_mapping if nodes is None else path_or_mapping.with_nodes(nodes)
     if isinstance(path_or_mapping, (str, os.PathLike)):
         source = os.fspath(path_or_mapping)
-        return _from_document(_read_yaml(source), source)
+        return _from_document(_read_yaml(source), source, nodes)
     if isinstance(path_or_mapping, (Mapping, list)):
-        return _from_document(path_or_mapping, "<mapping>")
+        return _from_document(path_or_mapping, "<mapping>", nodes)
     raise TypeError(
         f"load_config takes a path, a mapping or a Config, not {type(path_or_mapping).__name__}"
     )
@@ -386,7 +449,7 @@ def _read_yaml(source: str) -> Any:
         raise ConfigError(f"{source} is not valid YAML{where}: {problem}. Fix the syntax.") from exc
 
 
-def _from_document(document: Any, source: str) -> Config:
+def _from_document(document: Any, source: str, nodes: Iterable[NodeSpec] | None = None) -> Config:
     """Turn a parsed YAML document into a Config: check its shape, keys and sections."""
     if isinstance(document, list):
         raw = _merge_list_layout(document, source)
@@ -417,6 +480,8 @@ def _from_document(document: Any, source: str) -> Config:
             raise ConfigError(f"{source}: key 'interpolation' is invalid: {exc}") from exc
     _reject_unknown_keys(raw, installed, source)
 
+    if nodes is not None:
+        raw["nodes"] = [{"name": n.name, "host": n.host, "port": n.port} for n in nodes]
     if "nodes" not in raw:
         raise ConfigError(
             f"{source}: key 'nodes' is missing. List the cluster's nodes, e.g. "
@@ -569,3 +634,8 @@ def _nodes(value: Any, source: str) -> tuple[NodeSpec, ...]:
             )
         nodes.append(NodeSpec(name=entry["name"], host=entry["host"], port=entry["port"]))
     return tuple(nodes)
+
+
+def _restore(values: dict[str, Any]) -> Config:
+    """Rebuild a pickled :class:`Config` (see ``Config.__reduce__``)."""
+    return Config(**values)

@@ -1,13 +1,15 @@
 """Write a starter cluster config: ``dpwa config init --nodes N`` uses this module.
 
 :func:`render_config` returns a commented YAML document that :func:`~dpwa_core.config.load_config`
-accepts: nodes ``w1`` .. ``wN`` on one host with consecutive ports, and every other key at its
+accepts: nodes ``w1`` .. ``wN`` on one host with consecutive ports (or spread over several hosts
+in blocks, the order in which launchers number their processes), and every other key at its
 default with a comment line that says what it does. :func:`write_config` saves it without ever
 overwriting a file by accident.
 
 Example:
     >>> print(render_config(2))  # doctest: +SKIP
     >>> write_config(render_config(4, host="10.0.0.5"), "cluster.yaml")  # doctest: +SKIP
+    >>> print(render_config(8, host="gpu1,gpu2"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -45,39 +48,64 @@ _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _CONSTANT_VALUE = 0.5  # the constant strategy's documented default (README, docs/CONFIG.md)
 
 
-def render_config(nodes: int, host: str = DEFAULT_HOST, base_port: int = DEFAULT_BASE_PORT) -> str:
-    """Return a commented YAML config for ``nodes`` nodes ``w1`` .. ``wN`` on one host.
+def render_config(
+    nodes: int, host: str | Sequence[str] = DEFAULT_HOST, base_port: int = DEFAULT_BASE_PORT
+) -> str:
+    """Return a commented YAML config for ``nodes`` nodes ``w1`` .. ``wN`` on one or more hosts.
+
+    With several hosts the nodes are spread in blocks of ``k = ceil(nodes / hosts)``: ``w1`` ..
+    ``wk`` on the first host, the next ``k`` on the second, and so on, each host's ports
+    counting from ``base_port`` again. That is the order in which Slurm (block distribution)
+    and torchrun (``node_rank * nproc_per_node + local_rank``) number their processes, so the
+    process of rank ``i`` finds ``nodes[i]`` on its own host.
 
     Args:
         nodes: how many nodes, >= 1.
-        host: host name or IP address every node listens on; edit the file afterwards to spread
-            nodes over several hosts.
-        base_port: port of ``w1``; node ``wK`` gets ``base_port + K - 1``. All must be <= 65535.
+        host: host name or IP address the nodes listen on, or several: a sequence, or one
+            string with commas (``"gpu1,gpu2"``).
+        base_port: port of a host's first node; its ``j``-th node gets ``base_port + j - 1``.
+            All must be <= 65535.
 
     Returns:
         The YAML text, ending with a newline.
 
     Raises:
-        ConfigError: ``nodes``, ``host`` or ``base_port`` is invalid; the message says the fix.
+        ConfigError: ``nodes``, a host, or ``base_port`` is invalid, a host is repeated, or a
+            host would get no node; the message says the fix.
     """
     _check_count(nodes)
-    _check_host(host)
-    _check_ports(nodes, base_port)
+    hosts = _hosts(host)
+    per_host = -(-nodes // len(hosts))  # ceil
+    if per_host * (len(hosts) - 1) >= nodes:
+        used = -(-nodes // per_host)
+        raise ConfigError(
+            f"--nodes {nodes} over {len(hosts)} hosts puts {per_host} on each of the "
+            f"first hosts and none on {', '.join(hosts[used:])}. Use a multiple of the number "
+            f"of hosts, e.g. --nodes {per_host * len(hosts)}, or list {used} hosts."
+        )
+    _check_ports(per_host, base_port)
     defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Config)}
-    last = base_port + nodes - 1
-    ports = f"port {base_port}" if nodes == 1 else f"ports {base_port}-{last}"
-    quoted = _yaml_scalar(host)
+    last = base_port + per_host - 1
+    ports = f"port {base_port}" if per_host == 1 else f"ports {base_port}-{last}"
     node_lines = [
-        f"  - {{name: w{i}, host: {quoted}, port: {base_port + i - 1}}}"
-        for i in range(1, nodes + 1)
+        f"  - {{name: w{i + 1}, host: {_yaml_scalar(hosts[i // per_host])}, "
+        f"port: {base_port + i % per_host}}}"
+        for i in range(nodes)
     ]
+    if len(hosts) == 1:
+        where = f"on {hosts[0]}, {ports}"
+    else:
+        each = f"{per_host} per host" if nodes % len(hosts) == 0 else f"up to {per_host} per host"
+        where = f"on {len(hosts)} hosts ({', '.join(hosts)}), {each}, {ports} on each"
     lines = [
-        f"# dpwa cluster config: {nodes} node{'s' if nodes != 1 else ''} on {host}, {ports}.",
+        f"# dpwa cluster config: {nodes} node{'s' if nodes != 1 else ''} {where}.",
         "# Written by `dpwa config init`. Check it with `dpwa check FILE`; start the nodes with",
         "# `dpwa launch FILE -- COMMAND`. docs/CONFIG.md describes every key.",
         "",
         "# Every node of the cluster, this one included; names and host:port pairs are unique.",
-        f"# A process finds its own entry by name (the {NODE_ENV} environment variable).",
+        f"# A process finds its own entry by name (the {NODE_ENV} environment variable) or by",
+        "# the rank its launcher sets (torchrun, srun, mpirun, a Kubernetes indexed Job):",
+        "# rank i runs the i-th node below, counting from 0. docs/DEPLOY.md has recipes.",
         "nodes:",
         *node_lines,
         "",
@@ -167,15 +195,19 @@ def add_init_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--host",
+        metavar="H[,H...]",
         default=DEFAULT_HOST,
-        help=f"host name or IP address of every node (default: {DEFAULT_HOST})",
+        help="host name or IP address of the nodes, or several separated by commas: the nodes "
+        "are spread in blocks, w1..wK on the first host, the next K on the second, ... "
+        f"(default: {DEFAULT_HOST})",
     )
     parser.add_argument(
         "--base-port",
         metavar="P",
         type=int,
         default=DEFAULT_BASE_PORT,
-        help=f"port of w1; wK gets P + K - 1 (default: {DEFAULT_BASE_PORT})",
+        help="port of each host's first node; the next get P + 1, P + 2, ... "
+        f"(default: {DEFAULT_BASE_PORT})",
     )
     parser.add_argument(
         "-o", "--output", metavar="FILE", help="write the config to FILE (default: print it)"
@@ -224,6 +256,31 @@ def _check_ports(nodes: int, base_port: int) -> None:
             f"{nodes} nodes from port {base_port} need ports up to {last}, past 65535. "
             f"Use --base-port {65536 - nodes} or lower, or fewer nodes."
         )
+
+
+def _hosts(host: str | Sequence[str]) -> list[str]:
+    """The host list: a sequence, or a string of hosts separated by commas; each checked."""
+    if isinstance(host, str):
+        hosts = [part.strip() for part in host.split(",")] if "," in host else [host]
+    elif isinstance(host, Sequence) and host:
+        hosts = list(host)
+    else:
+        raise ConfigError(f"--host must name at least one host, got {host!r}.")
+    seen: set[str] = set()
+    for item in hosts:
+        if isinstance(item, str) and not item and len(hosts) > 1:
+            raise ConfigError(
+                f"--host {','.join(hosts)!r} has an empty entry; separate hosts with single "
+                "commas, e.g. --host gpu1,gpu2."
+            )
+        _check_host(item)
+        if item.lower() in seen:
+            raise ConfigError(
+                f"--host lists {item!r} twice; list each host once (its nodes get ports "
+                "--base-port, --base-port + 1, ...)."
+            )
+        seen.add(item.lower())
+    return hosts
 
 
 def _check_host(host: str) -> None:

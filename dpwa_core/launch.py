@@ -1,13 +1,15 @@
 """Start the nodes of a cluster config on this machine: ``dpwa launch CONFIG -- COMMAND``.
 
 Each selected node runs ``COMMAND`` in its own process, with ``DPWA_NODE`` set to the node's
-name and every ``{name}`` in the command replaced by it. The launcher prefixes each line the
+name, every ``{name}`` in the command replaced by it and every ``{config}`` by the config
+file's path. The launcher prefixes each line the
 nodes print with ``[NAME] `` (stdout to stdout, stderr to stderr), forwards SIGINT, SIGTERM and
 SIGHUP to every node, and exits non-zero when a node fails.
 
 Only nodes whose host is this machine can be started here; the launcher never starts anything
 elsewhere. On a cluster of several hosts, every host runs the launcher with the same config and
-``--only`` naming its own nodes.
+``--only`` naming its own nodes. With ``--ray``, :func:`dpwa_core.ray.launch` places the nodes
+on a Ray cluster instead (docs/DEPLOY.md).
 
 Behaviour, in detail:
 
@@ -57,10 +59,13 @@ from dpwa_core.config import NODE_ENV, Config, NodeSpec, load_config
 from dpwa_core.errors import DpwaError
 
 __all__ = [
+    "CONFIG_ENV",
+    "CONFIG_PLACEHOLDER",
     "DEFAULT_GRACE",
     "DESCRIPTION",
     "FORWARDED_SIGNALS",
     "LaunchError",
+    "NAME_PLACEHOLDER",
     "NodeJob",
     "check_local",
     "is_local_host",
@@ -82,6 +87,10 @@ FORWARDED_SIGNALS: tuple[signal.Signals, ...] = tuple(
 
 NAME_PLACEHOLDER = "{name}"
 """Replaced by the node's name in every argument of the command."""
+CONFIG_PLACEHOLDER = "{config}"
+"""Replaced by the config file's path in every argument of the command."""
+CONFIG_ENV = "DPWA_CONFIG"
+"""Set in each node's environment to the config file's path."""
 
 _POLL = 0.05  # seconds between checks of the nodes and of received signals
 _MAX_LINE = 64 * 1024  # a longer line is passed on in pieces, each with the prefix
@@ -101,7 +110,7 @@ class NodeJob:
     argv: tuple[str, ...]
     """The command, with ``{name}`` replaced."""
     env: Mapping[str, str]
-    """The complete environment, with ``DPWA_NODE`` set."""
+    """The complete environment, with ``DPWA_NODE`` (and ``DPWA_CONFIG``) set."""
 
 
 def select_nodes(config: Config, only: str | Iterable[str] | None = None) -> tuple[NodeSpec, ...]:
@@ -147,7 +156,7 @@ def plan(
     Args:
         config: a :class:`~dpwa_core.config.Config`, a path to a YAML file, or a mapping.
         command: the program and its arguments; ``{name}`` in any argument becomes the node's
-            name.
+            name, and ``{config}`` the config file's absolute path.
         only: the nodes to run (see :func:`select_nodes`); ``None`` runs all of them.
         environ: the environment to start from; defaults to this process's.
 
@@ -156,9 +165,16 @@ def plan(
 
     Raises:
         ConfigError: the config is invalid.
-        LaunchError: the command is empty, or ``only`` names an unknown node.
+        LaunchError: the command is empty, ``only`` names an unknown node, or the command
+            has ``{config}`` but the config is not a file.
     """
     loaded = load_config(config)
+    path = os.path.abspath(loaded.source) if os.path.isfile(loaded.source) else None
+    if path is None and any(CONFIG_PLACEHOLDER in arg for arg in command):
+        raise LaunchError(
+            f"the command has {CONFIG_PLACEHOLDER} but the config is not a file; pass the "
+            "config's path"
+        )
     if not command:
         raise LaunchError(
             "no command to run. Put it after --, e.g. "
@@ -168,8 +184,12 @@ def plan(
     base.setdefault("PYTHONUNBUFFERED", "1")
     jobs = []
     for spec in select_nodes(loaded, only):
-        argv = tuple(arg.replace(NAME_PLACEHOLDER, spec.name) for arg in command)
-        jobs.append(NodeJob(spec.name, argv, {**base, NODE_ENV: spec.name}))
+        argv = tuple(
+            arg.replace(NAME_PLACEHOLDER, spec.name).replace(CONFIG_PLACEHOLDER, path or "")
+            for arg in command
+        )
+        env = {**base, NODE_ENV: spec.name, **({CONFIG_ENV: path} if path else {})}
+        jobs.append(NodeJob(spec.name, argv, env))
     return jobs
 
 
@@ -317,9 +337,16 @@ Ctrl+C); otherwise the status of the first node to fail.
 Only nodes on this machine can start here. On a multi-host cluster, run the same config on
 every host with --only naming that host's nodes.
 
+With --ray, the nodes are Ray actors placed over a Ray cluster's machines (one per machine
+where it can); each node's address is found when it starts, so the config needs no node list,
+and {config} in COMMAND becomes the path of a config written on the node's machine with every
+node's address in it. A node whose process dies is restarted by Ray (--max-restarts); output
+lines come back prefixed by Ray with the node's name.
+
 examples:
   dpwa launch cluster.yaml -- python train.py
   dpwa launch cluster.yaml --only w1,w2 -- python train.py --log logs/{name}.txt
+  dpwa launch settings.yaml --ray --nodes 8 --address auto -- python train.py --config {config}
 """
 """The ``dpwa launch --help`` text."""
 
@@ -348,7 +375,9 @@ def launch_command(args: argparse.Namespace) -> int:
     """Run ``dpwa launch`` from parsed arguments (see :func:`add_arguments`).
 
     Args:
-        args: the namespace with ``config``, ``command``, ``only``, ``grace``, ``fail_fast``.
+        args: the namespace with ``config``, ``command``, ``only``, ``grace``, ``fail_fast``,
+            and the Ray options ``ray``, ``address``, ``nodes``, ``max_restarts``,
+            ``cpus_per_node`` and ``gpus_per_node``.
 
     Returns:
         The exit status of :func:`launch`.
@@ -358,7 +387,42 @@ def launch_command(args: argparse.Namespace) -> int:
         LaunchError: as :func:`launch` raises it.
     """
     command: list[str] = args.command or []
-    return launch(args.config, command, args.only, grace=args.grace, fail_fast=args.fail_fast)
+    ray_only = {
+        "--address": args.address,
+        "--nodes": args.nodes,
+        "--max-restarts": args.max_restarts,
+        "--cpus-per-node": args.cpus_per_node,
+        "--gpus-per-node": args.gpus_per_node,
+    }
+    if not args.ray:
+        given = [flag for flag, value in ray_only.items() if value is not None]
+        if given:
+            raise LaunchError(f"{', '.join(given)} only apply with --ray")
+        return launch(args.config, command, args.only, grace=args.grace, fail_fast=args.fail_fast)
+    if args.only is not None:
+        raise LaunchError("--only selects nodes of a local launch; with --ray, Ray places them")
+    if not command:
+        raise LaunchError(
+            "no command to run. Put it after --, e.g. "
+            f"dpwa launch {args.config} --ray --nodes 4 -- python train.py --config {{config}}"
+        )
+    from dpwa_core import ray as dpwa_ray  # Ray is optional: imported only when asked for
+
+    resources = {"CPU": 1.0 if args.cpus_per_node is None else args.cpus_per_node}
+    if args.gpus_per_node:
+        resources["GPU"] = args.gpus_per_node
+    restarts = dpwa_ray.DEFAULT_MAX_RESTARTS if args.max_restarts is None else args.max_restarts
+    try:
+        return dpwa_ray.launch(
+            args.config,
+            command,
+            num_nodes=args.nodes,
+            address=args.address,
+            resources_per_node=resources,
+            max_restarts=restarts,
+        )
+    except ImportError as exc:  # Ray is not installed: say how to get it, without a traceback
+        raise LaunchError(str(exc)) from exc
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -378,6 +442,30 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--fail-fast",
         action="store_true",
         help="stop the other nodes as soon as one fails (default: let them finish)",
+    )
+    ray = parser.add_argument_group("on a Ray cluster (pip install 'dpwa[ray]')")
+    ray.add_argument(
+        "--ray", action="store_true", help="run the nodes as Ray actors over a Ray cluster"
+    )
+    ray.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="the Ray cluster to join, e.g. auto or ray://head:10001 (default: as ray.init)",
+    )
+    ray.add_argument(
+        "--nodes", metavar="N", type=int, help="how many nodes (default: the config's count)"
+    )
+    ray.add_argument(
+        "--max-restarts",
+        metavar="N",
+        type=int,
+        help="restarts of a node whose process died (default: 3)",
+    )
+    ray.add_argument(
+        "--cpus-per-node", metavar="C", type=float, help="CPUs each node asks for (default: 1)"
+    )
+    ray.add_argument(
+        "--gpus-per-node", metavar="G", type=float, help="GPUs each node asks for (default: 0)"
     )
 
 

@@ -105,7 +105,8 @@ class Node:
         seed: int | None = None,
     ) -> None:
         self.config = load_config(config)
-        self.name = self.config.resolve_name(name)
+        choice = self.config.choose_node(name)
+        self.name = choice.name
         spec = self.config.node(self.name)
         self._strategy = self.config.make_strategy()
         self._rng = random.Random(seed)
@@ -154,10 +155,11 @@ class Node:
         _install_shutdown_hooks()
         extras = [k for k in ("auth", "tls") if getattr(self.config, k) is not None]
         _log.info(
-            "%s listening on %s:%d%s",
+            "%s listening on %s:%d%s%s",
             self.name,
             *self.address,
             f" ({' + '.join(extras)})" if extras else " (no auth: trusted networks only)",
+            "" if choice.from_argument else f"; node name from {choice.source}",
         )
 
     @property

@@ -188,6 +188,28 @@ def test_config_init_hosts_round_trip(host: str, capsys: pytest.CaptureFixture[s
     assert [n.host for n in config.nodes] == [host, host]
 
 
+def test_config_init_spreads_nodes_over_hosts_in_blocks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "cluster.yaml"
+    args = ["config", "init", "--nodes", "4", "--host", "a,b", "--base-port", "50000"]
+    assert main([*args, "-o", str(path)]) == 0
+    assert "wrote " in capsys.readouterr().err
+    config = load_config(path)
+    assert [(n.name, n.host, n.port) for n in config.nodes] == [
+        ("w1", "a", 50000),
+        ("w2", "a", 50001),
+        ("w3", "b", 50000),
+        ("w4", "b", 50001),
+    ]
+    header = path.read_text().splitlines()[0]
+    assert header == (
+        "# dpwa cluster config: 4 nodes on 2 hosts (a, b), 2 per host, ports 50000-50001 on each."
+    )
+    assert main(["config", "init", "--nodes", "3", "--host", "a,b,c,d"]) == 1
+    assert "none on d" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -11,6 +11,7 @@ import yaml
 
 from dpwa_core.config import Config, NodeSpec, load_config
 from dpwa_core.errors import ConfigError
+from dpwa_core.launchers import LAUNCHERS
 
 DATA = Path(__file__).parent / "data"
 SEED = DATA / "seed_config.yaml"
@@ -123,11 +124,15 @@ def test_resolve_name_prefers_the_argument_then_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config = load_config(SEED)
-    monkeypatch.delenv("DPWA_NODE", raising=False)
+    for var in ["DPWA_NODE", *(launcher.rank_var for launcher in LAUNCHERS)]:
+        monkeypatch.delenv(var, raising=False)
     message = str(pytest.raises(ConfigError, config.resolve_name, None).value)
     assert "name=" in message and "DPWA_NODE" in message and str(SEED) in message
+    assert "RANK (torchrun)" in message and "SLURM_PROCID (Slurm srun)" in message
+    monkeypatch.setenv("RANK", "1")
+    assert config.resolve_name(None) == "w2"  # the launcher's rank picks nodes[1] ...
     monkeypatch.setenv("DPWA_NODE", "w4")
-    assert config.resolve_name(None) == "w4"
+    assert config.resolve_name(None) == "w4"  # ... unless DPWA_NODE names one
     assert config.resolve_name("w1") == "w1"
     monkeypatch.setenv("DPWA_NODE", "w7")
     with pytest.raises(ConfigError, match="no node named 'w7'"):

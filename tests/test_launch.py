@@ -196,6 +196,16 @@ def test_plan_sets_the_environment() -> None:
     check_local(config, ["w1", "w2"])  # 127.0.0.1: accepted
 
 
+def test_plan_passes_the_config_file_on(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cluster(2)))
+    jobs = plan(path, ["run", "--config", "{config}"], environ={})
+    assert jobs[0].argv == ("run", "--config", str(path))
+    assert jobs[1].env["DPWA_CONFIG"] == str(path)
+    with pytest.raises(LaunchError, match="the config is not a file"):
+        plan(cluster(2), ["run", "{config}"])
+
+
 def start_launcher(
     config: Path, workdir: Path, *extra: str, child_args: tuple[str, ...] = ()
 ) -> subprocess.Popen[str]:
