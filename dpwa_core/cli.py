@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dpwa_core import config_template, launch
-from dpwa_core.config import NODE_ENV, load_config
+from dpwa_core.config import NODE_ENV, Config, load_config
 from dpwa_core.errors import DpwaError
+from dpwa_core.launchers import ARGUMENT_SOURCE, NodeChoice, node_from_environment
 from dpwa_core.registry import strategies, strategy_info
 
 __all__ = ["build_parser", "main"]
@@ -122,7 +123,7 @@ def _add_check(subparsers: _Subparsers) -> None:
     parser.add_argument(
         "--name",
         metavar="NODE",
-        help=f"also check this node's name (default: ${NODE_ENV}, when set)",
+        help=f"also check this node's name (default: ${NODE_ENV} or a launcher's rank, when set)",
     )
     parser.set_defaults(handler=_check)
 
@@ -145,13 +146,19 @@ def _check(args: argparse.Namespace) -> int:
         ("auth", f"shared secret from {config.auth.source}" if config.auth else "off"),
         ("tls", f"cert {config.tls.cert}, CA {config.tls.ca}" if config.tls else "off"),
     ]
-    if args.name is not None or os.environ.get(NODE_ENV):
-        name = config.resolve_name(args.name)
-        peers = ", ".join(peer.name for peer in config.peers_of(name)) or "none"
-        rows.append(("this node", f"{name}, peers: {peers}"))
+    choice = config.choose_node(args.name) if args.name is not None else _node_if_set(config)
+    if choice is not None:
+        peers = ", ".join(peer.name for peer in config.peers_of(choice.name)) or "none"
+        origin = "" if choice.source == ARGUMENT_SOURCE else f" (from {choice.source})"
+        rows.append(("this node", f"{choice.name}{origin}, peers: {peers}"))
     print(f"{config.source}: OK ({len(config.nodes)} nodes)")
     print(_table([(f"  {key}", value) for key, value in rows]))
     return 0
+
+
+def _node_if_set(config: Config) -> NodeChoice | None:
+    """This process's node when DPWA_NODE or a launcher's rank says it, else None."""
+    return node_from_environment([n.name for n in config.nodes], os.environ, where=config.source)
 
 
 def _add_demo(subparsers: _Subparsers) -> None:

@@ -116,7 +116,9 @@ def connect(
         model: the model or its state: a ``torch.nn.Module``, a ``keras.Model``, or a pytree
             of jax arrays (flax variables, a dict or list of arrays).
         config: a :class:`~dpwa_core.config.Config`, a YAML path, or a mapping.
-        name: this node's name in the config; defaults to the ``DPWA_NODE`` environment variable.
+        name: this node's name in the config; defaults to the ``DPWA_NODE`` environment
+            variable, else the launcher's rank (``RANK``, ``SLURM_PROCID``, ...) as an index
+            into the config's nodes (docs/DEPLOY.md).
         framework: adapter name (``"torch"``, ``"tensorflow"``/``"keras"``, ``"jax"``/``"flax"``,
             ...). None picks it from the model's type, trying only frameworks that are
             already imported.

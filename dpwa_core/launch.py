@@ -377,7 +377,7 @@ def launch_command(args: argparse.Namespace) -> int:
     Args:
         args: the namespace with ``config``, ``command``, ``only``, ``grace``, ``fail_fast``,
             and the Ray options ``ray``, ``address``, ``nodes``, ``max_restarts``,
-            ``cpus_per_node`` and ``gpus_per_node``.
+            ``cpus_per_node``, ``gpus_per_node`` and ``working_dir``.
 
     Returns:
         The exit status of :func:`launch`.
@@ -393,6 +393,7 @@ def launch_command(args: argparse.Namespace) -> int:
         "--max-restarts": args.max_restarts,
         "--cpus-per-node": args.cpus_per_node,
         "--gpus-per-node": args.gpus_per_node,
+        "--working-dir": args.working_dir,
     }
     if not args.ray:
         given = [flag for flag, value in ray_only.items() if value is not None]
@@ -420,6 +421,7 @@ def launch_command(args: argparse.Namespace) -> int:
             address=args.address,
             resources_per_node=resources,
             max_restarts=restarts,
+            runtime_env={"working_dir": args.working_dir} if args.working_dir else None,
         )
     except ImportError as exc:  # Ray is not installed: say how to get it, without a traceback
         raise LaunchError(str(exc)) from exc
@@ -466,6 +468,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     )
     ray.add_argument(
         "--gpus-per-node", metavar="G", type=float, help="GPUs each node asks for (default: 0)"
+    )
+    ray.add_argument(
+        "--working-dir",
+        metavar="DIR",
+        help="ship DIR to every node's machine and run the command in it (Ray's working_dir)",
     )
 
 

@@ -74,7 +74,9 @@ class Node:
 
     Args:
         config: a :class:`~dpwa_core.config.Config`, a path to a YAML file, or a mapping.
-        name: this node's name in the config; defaults to the ``DPWA_NODE`` environment variable.
+        name: this node's name in the config; defaults to the ``DPWA_NODE`` environment
+            variable, else the launcher's rank (``RANK``, ``SLURM_PROCID``, ...) as an index
+            into the config's nodes (docs/DEPLOY.md).
         layout: shapes of the parameter vector. Defaults to a plain vector whose size is taken
             from the first :meth:`update_send`. Peers refuse each other when layouts differ.
         seed: seeds the random choices (whether to pull, which peer) for reproducible runs.

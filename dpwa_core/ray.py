@@ -200,6 +200,7 @@ def run(
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     names: Sequence[str] | None = None,
     address: str | None = None,
+    runtime_env: Mapping[str, Any] | None = None,
     placement_timeout: float = 120.0,
     verbose: bool = True,
 ) -> list[T]:
@@ -219,6 +220,10 @@ def run(
         names: the nodes' names; default: the config's, else ``w1`` .. ``wN``.
         address: the Ray cluster to join when Ray is not initialised yet (``"auto"``,
             ``"ray://head:10001"``, ...); None starts or finds one as ``ray.init()`` does.
+        runtime_env: Ray's runtime environment for the nodes, e.g. ``{"working_dir": "."}``
+            to ship this folder's code to every machine. It is given to ``ray.init`` when
+            this call connects to Ray; when Ray is initialised already, to the actors (Ray
+            then takes only remote URIs as ``working_dir``).
         placement_timeout: seconds to wait for the cluster to have room for every node.
         verbose: print placement, restarts and results to stderr.
 
@@ -239,16 +244,19 @@ def run(
     say = _Reporter(verbose)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=None if runtime_env is None else dict(runtime_env))
     elif address is not None:
         _log.warning("Ray is initialised already; address=%r is ignored", address)
+    actor_env = None if started_ray else runtime_env
     group = directory = None
     actors: list[Any] = []
     try:
         group = _place(ray, resources, len(node_names), placement_timeout)
         directory_name = f"dpwa-directory-{uuid.uuid4().hex}"
         directory = ray.remote(num_cpus=0)(_Directory).options(name=directory_name).remote()
-        actors = _start_actors(ray, group, directory_name, node_names, resources, max_restarts)
+        actors = _start_actors(
+            ray, group, directory_name, node_names, resources, max_restarts, actor_env
+        )
         addresses = ray.get([actor.address.remote() for actor in actors], timeout=placement_timeout)
         say.line(
             f"{len(node_names)} nodes placed: "
@@ -329,6 +337,7 @@ def launch(
     address: str | None = None,
     resources_per_node: Mapping[str, float] | None = None,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
+    runtime_env: Mapping[str, Any] | None = None,
 ) -> int:
     """Run ``command`` as every node of a Ray-placed cluster; the ``dpwa launch --ray`` API.
 
@@ -339,6 +348,8 @@ def launch(
         address: the Ray cluster to join (see :func:`run`).
         resources_per_node: what each node asks of Ray (see :func:`run`).
         max_restarts: how many times a node whose process died is restarted.
+        runtime_env: Ray's runtime environment for the nodes; the command runs in its
+            ``working_dir`` when it has one.
 
     Returns:
         0 when every node's command exited with 0, else 1; the failed nodes are named on
@@ -357,6 +368,7 @@ def launch(
             resources_per_node=resources_per_node,
             max_restarts=max_restarts,
             address=address,
+            runtime_env=runtime_env,
         )
     except NodeFailedError as exc:
         print(f"dpwa launch --ray: {exc}", file=sys.stderr, flush=True)
@@ -371,6 +383,8 @@ def _import_ray() -> ModuleType:
     # Ray folds similar lines of different actors into one ("[repeated 3x across cluster]"),
     # which would hide nodes' progress lines; keep them all unless the user decided otherwise.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not sys.stdout.isatty():  # no color codes in logs and pipes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     try:
         return importlib.import_module("ray")
     except ImportError as exc:
@@ -454,6 +468,7 @@ def _start_actors(
     names: Sequence[str],
     resources: Mapping[str, float],
     max_restarts: int,
+    runtime_env: Mapping[str, Any] | None,
 ) -> list[Any]:
     strategies = importlib.import_module("ray.util.scheduling_strategies")
     others = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
@@ -472,6 +487,8 @@ def _start_actors(
         }
         if "memory" in resources:
             options["memory"] = resources["memory"]
+        if runtime_env is not None:
+            options["runtime_env"] = dict(runtime_env)
         actors.append(actor_class.options(**options).remote(name, rank, directory))
     return actors
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dpwa_core.launchers import LAUNCHERS
+
 
 def free_ports(count: int) -> list[int]:
     """Ports that were free on 127.0.0.1 a moment ago (held open together so they differ)."""
@@ -41,6 +43,16 @@ def cluster(count: int, **options: Any) -> dict[str, Any]:
     }
     config.update(options)
     return config
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start from no launcher rank, even when the suite itself runs under srun or
+    torchrun: a rank variable would otherwise pick a node for every test that names none."""
+    for launcher in LAUNCHERS:
+        for var in (launcher.rank_var, launcher.size_var):
+            if var is not None:
+                monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture

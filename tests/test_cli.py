@@ -69,7 +69,16 @@ def test_check_with_a_node_name(
     assert "this node             w2, peers: w1, w3, w4" in capsys.readouterr().out
     monkeypatch.setenv("DPWA_NODE", "w3")
     assert main(["check", str(SEED)]) == 0
-    assert "w3, peers: w1, w2, w4" in capsys.readouterr().out
+    assert "w3 (from DPWA_NODE), peers: w1, w2, w4" in capsys.readouterr().out
+
+
+def test_check_names_the_node_a_launcher_rank_picks(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert main(["check", str(SEED)]) == 0
+    out = capsys.readouterr().out
+    assert "this node             w3 (from SLURM_PROCID=2 (Slurm srun)), peers: w1, w2, w4" in out
 
 
 def test_check_reports_an_unknown_node(capsys: pytest.CaptureFixture[str]) -> None:

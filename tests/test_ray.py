@@ -14,6 +14,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_DEDUP_LOGS"] = "0"
 
+import re
 import signal
 import subprocess
 import sys
@@ -187,9 +188,11 @@ def test_dpwa_launch_ray_runs_a_command_per_node_and_restarts_a_killed_one(
             "1",
             "--address",
             ray_address,
+            "--working-dir",
+            str(WORKERS),  # Ray ships the folder; the command runs in it
             "--",
             sys.executable,
-            str(WORKERS / "ray_command.py"),
+            "ray_command.py",
             "{config}",
             str(tmp_path),
             "20",
@@ -298,3 +301,31 @@ def test_the_ray_example_trains_nodes_that_agree(ray_address: str, tmp_path: Pat
         assert restarts == "0" and int(pulls) > 0
         assert float(accuracy.rstrip("%")) > 80, run.stdout  # a node alone sees 3-4 digits
     assert "(w1 pid=" in run.stdout + run.stderr  # the nodes' progress came back
+
+
+def test_the_deploy_md_ray_recipe_runs(ray_address: str, tmp_path: Path) -> None:
+    """docs/DEPLOY.md's train.py and settings.yaml, with its dpwa launch --ray command."""
+    pytest.importorskip("torch")
+    from test_launchers import deploy_train_script
+
+    text = (Path(__file__).parent.parent / "docs" / "DEPLOY.md").read_text(encoding="utf-8")
+    ray_section = text.split("## Ray\n", 1)[1].split("\n## ", 1)[0]
+    settings = ray_section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert "nodes" not in yaml.safe_load(settings)
+    (tmp_path / "settings.yaml").write_text(settings)
+    (tmp_path / "train.py").write_text(deploy_train_script())
+    command = "dpwa launch settings.yaml --ray --nodes 8 --address auto --working-dir . --"
+    assert command in ray_section
+    run = _launch(
+        ["settings.yaml", "--ray", "--nodes", "2", "--address", ray_address]
+        + ["--working-dir", ".", "--cpus-per-node", "0.5", "--", sys.executable, "train.py"],
+        tmp_path,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    for name in ("w1", "w2"):
+        last = re.search(
+            rf"\({name} pid=\d+[^)]*\) {name} step 500 loss (\S+) pulls ok (\d+)", output
+        )
+        assert last is not None, output
+        assert float(last.group(1)) < 1.0 and int(last.group(2)) > 0, output
