@@ -8,6 +8,7 @@ Example:
     ...             gossip.update_send(loss)
     ...             loss = train_step(model)
     ...             gossip.update_wait(loss)
+    ...         ctx.wait_for_all()  # serve until every node is done
     ...     return evaluate(model)
     >>> accuracies = dpwa_core.ray.run(train, num_nodes=8, config="settings.yaml",
     ...                                resources_per_node={"CPU": 2})   # doctest: +SKIP
@@ -59,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -96,6 +98,7 @@ DEFAULT_MAX_RESTARTS = 3
 
 _WATCH_INTERVAL = 1.0  # seconds between a node's looks at the directory for moved peers
 _POLL = 0.5  # seconds between the caller's looks at the nodes' progress
+_WAIT_POLL = 0.2  # seconds between a waiting node's looks at who is done
 _FAILURE_LINES = 25  # lines of a remote traceback kept in NodeFailedError
 
 _log = get_logger("ray")
@@ -186,6 +189,33 @@ class NodeContext:
         node = Node(self.config, self.name, layout=layout, seed=seed)
         self._watcher.follow(node)
         return node
+
+    def wait_for_all(self, timeout: float = 600.0) -> bool:
+        """Say this node is done training, and wait until every node is done too.
+
+        Nodes finish at different times. One that closes as soon as it is done leaves the late
+        ones to train alone on their own data, drifting away from the rest. Call this after
+        the training loop, still inside ``with ctx.connect(...)``: the node keeps serving its
+        final parameters while it waits, so the late nodes go on averaging with it. A node
+        that failed for good counts as done.
+
+        Args:
+            timeout: seconds to wait at most.
+
+        Returns:
+            True when every node is done; False when ``timeout`` passed first.
+        """
+        ray = _import_ray()
+        directory = self._watcher.directory
+        ray.get(directory.finish.remote(self.name))
+        everyone = {spec.name for spec in self.config.nodes}
+        deadline = time.monotonic() + timeout
+        while not everyone <= set(ray.get(directory.finished.remote())):
+            if time.monotonic() >= deadline:
+                _log.warning("%s: still waiting for other nodes after %g s", self.name, timeout)
+                return False
+            time.sleep(_WAIT_POLL)
+        return True
 
     def __repr__(self) -> str:
         return f"NodeContext({self.name!r}, rank={self.rank}, restarts={self.restarts})"
@@ -515,6 +545,7 @@ def _collect(
                     )
         for ref in done:
             name = pending.pop(ref)
+            directory.finish.remote(name)  # whatever happened, nobody waits for it any more
             try:
                 results[name] = ray.get(ref)
             except exceptions.RayActorError as exc:
@@ -556,6 +587,7 @@ class _Directory:
         self._addresses: dict[str, tuple[str, int]] = {}
         self._joins: dict[str, int] = {}
         self._events: list[tuple[str, str, int, int]] = []
+        self._finished: set[str] = set()
 
     def register(self, name: str, host: str, port: int) -> int:
         """Record ``name``'s address; returns how many times it registered before."""
@@ -576,6 +608,14 @@ class _Directory:
     def events(self, start: int) -> list[tuple[str, str, int, int]]:
         """Registrations from index ``start`` on: (name, host, port, restarts)."""
         return self._events[start:]
+
+    def finish(self, name: str) -> None:
+        """Record that ``name`` is done training (or failed for good)."""
+        self._finished.add(name)
+
+    def finished(self) -> list[str]:
+        """The nodes that are done."""
+        return sorted(self._finished)
 
 
 class _NodeActor:
@@ -624,7 +664,8 @@ class _PeerWatcher:
     """A thread that moves this node's peers to the addresses restarted nodes registered."""
 
     def __init__(self, directory: Any, name: str, known: Mapping[str, tuple[str, int]]) -> None:
-        self._directory = directory
+        self.directory = directory
+        """The run's directory actor."""
         self._name = name
         self._known = dict(known)
         self._nodes: weakref.WeakSet[Node] = weakref.WeakSet()
@@ -648,7 +689,7 @@ class _PeerWatcher:
         ray = _import_ray()
         while not self._stop.wait(_WATCH_INTERVAL):
             try:
-                addresses = ray.get(self._directory.addresses.remote(), timeout=10)
+                addresses = ray.get(self.directory.addresses.remote(), timeout=10)
             except Exception:  # the directory is gone or slow: the run is ending
                 continue
             for name, address in addresses.items():

@@ -56,6 +56,7 @@ def train(ctx: NodeContext, steps: int) -> dict[str, Any]:
             gossip.update_wait(loss)
             if step % 100 == 0:
                 print(f"step {step} loss {loss:.3f}", flush=True)  # Ray prefixes the node
+        ctx.wait_for_all()  # keep serving until the last node is done, so it still averages
         pulls = gossip.node.stats()["pulls_ok"]
         with torch.no_grad():
             accuracy = (model(x[test]).argmax(1) == y[test]).float().mean().item()

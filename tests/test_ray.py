@@ -154,6 +154,7 @@ def test_a_node_that_fails_for_good_is_reported_and_the_others_finish(
     assert "w3 fails on purpose" in error.failures["w3"]
     assert list(error.results) == ["w1"]
     assert error.results["w1"]["pulls"] > 0
+    assert error.results["w1"]["all_done"]  # the failed nodes did not keep w1 waiting
     assert "2 of 3 nodes failed for good" in str(error)
     err = capfd.readouterr().err
     assert "[dpwa.ray] w2 failed for good" in err
@@ -267,6 +268,7 @@ def test_run_takes_names_from_a_config_that_lists_nodes(ray_address: str, tmp_pa
         verbose=False,
     )
     assert [r["name"] for r in results] == ["alpha", "beta"]
+    assert all(r["all_done"] for r in results)
     for r in results:  # the listed ports were replaced by the ones the actors reserved
         assert r["address"][0] == "127.0.0.1" and r["address"][1] not in (1, 2)
 
@@ -329,3 +331,13 @@ def test_the_deploy_md_ray_recipe_runs(ray_address: str, tmp_path: Path) -> None
         )
         assert last is not None, output
         assert float(last.group(1)) < 1.0 and int(last.group(2)) > 0, output
+
+
+def test_wait_for_all_gives_up_after_its_timeout(ray_address: str, tmp_path: Path) -> None:
+    results = dpwa_ray.run(
+        partial(ray_nodes.wait_briefly, folder=str(tmp_path)),
+        num_nodes=2,
+        resources_per_node=HALF_CPU,
+        verbose=False,
+    )
+    assert results == [False, None]  # w2 was still busy when w1's second was up

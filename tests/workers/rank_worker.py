@@ -39,7 +39,10 @@ def main() -> int:
             if node.stats()["pulls_ok"] >= pulls:
                 (workdir / f"{node.name}.done").touch()
             time.sleep(0.01)
-        print(f"RESULT {node.name} pulls_ok={node.stats()['pulls_ok']}", flush=True)
+        # One write: torchrun's children share one unbuffered stdout, and print() writes the
+        # text and the newline separately, so two nodes' lines could interleave.
+        sys.stdout.write(f"RESULT {node.name} pulls_ok={node.stats()['pulls_ok']}\n")
+        sys.stdout.flush()
     return 0
 
 

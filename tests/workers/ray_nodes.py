@@ -79,7 +79,8 @@ def train_digits(ctx: NodeContext, folder: str, victim: str) -> dict[str, Any]:
 def exchange(ctx: NodeContext, folder: str, victim: str, faulty: str) -> dict[str, Any]:
     """Trade flat vectors with a plain Node until ``stop`` exists; ``faulty`` raises.
 
-    ``victim`` writes its pid once it has pulled, so the test can kill it.
+    ``victim`` writes its pid once it has pulled, so the test can kill it. At the end each node
+    waits for all the others (``wait_for_all``), which counts failed nodes as done.
     """
     shared = Path(folder)
     if ctx.name == faulty:
@@ -97,4 +98,19 @@ def exchange(ctx: NodeContext, folder: str, victim: str, faulty: str) -> dict[st
                 if ctx.name == victim and pulls == 5:
                     (shared / f"{ctx.name}.pid").write_text(str(os.getpid()))
             time.sleep(0.01)
-    return {"name": ctx.name, "pulls": pulls, "address": list(ctx.config.node(ctx.name).address)}
+        all_done = ctx.wait_for_all(timeout=120)
+    address = list(ctx.config.node(ctx.name).address)
+    return {"name": ctx.name, "pulls": pulls, "address": address, "all_done": all_done}
+
+
+def wait_briefly(ctx: NodeContext, folder: str) -> bool | None:
+    """w1 waits one second for the others, then says so in a file; the others wait for it."""
+    shared = Path(folder)
+    if ctx.name == "w1":
+        all_done = ctx.wait_for_all(timeout=1.0)
+        (shared / "w1.waited").touch()
+        return all_done
+    give_up = time.monotonic() + SAFETY_SECONDS
+    while not (shared / "w1.waited").exists() and time.monotonic() < give_up:
+        time.sleep(0.05)
+    return None
