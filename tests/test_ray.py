@@ -31,6 +31,10 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
+# Ray starts its processes with subprocess (fork, then exec at once); JAX, imported by other
+# tests of this session, warns about any fork.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
 from dpwa_core import ray as dpwa_ray  # noqa: E402
 from dpwa_core.errors import ConfigError, DpwaError  # noqa: E402
 
