@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from _gossip import gossip_until_all_done
 
 import dpwa_core
 
@@ -23,22 +23,10 @@ import dpwa_core
 def main() -> int:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="LOG %(message)s")
     config, workdir, pulls = dpwa_core.load_config(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    deadline = time.monotonic() + 120
     with dpwa_core.Node(config, seed=0) as node:
         params = np.full(100, float(config.nodes.index(config.node(node.name))), np.float32)
-        node.wait_for_peers(timeout=60)
-        everyone = [workdir / f"{spec.name}.done" for spec in config.nodes]
-        while not all(path.exists() for path in everyone):
-            if time.monotonic() > deadline:
-                print(f"{node.name}: timed out; stats {node.stats()}", file=sys.stderr)
-                return 1
-            node.update_send(params, 1.0)
-            result = node.update_wait(1.0)
-            if result is not None:
-                params += result.factor * (result.params - params)
-            if node.stats()["pulls_ok"] >= pulls:
-                (workdir / f"{node.name}.done").touch()
-            time.sleep(0.01)
+        if not gossip_until_all_done(node, config, workdir, pulls, params):
+            return 1
         # One write: torchrun's children share one unbuffered stdout, and print() writes the
         # text and the newline separately, so two nodes' lines could interleave.
         sys.stdout.write(f"RESULT {node.name} pulls_ok={node.stats()['pulls_ok']}\n")

@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from _gossip import gossip_until_all_done
 
 import dpwa_core
 
@@ -28,29 +28,18 @@ def main() -> int:
     die = sys.argv[4] if len(sys.argv) > 4 else None
     name = os.environ["DPWA_NODE"]
     assert os.environ["DPWA_CONFIG"] == sys.argv[1], "{config} and DPWA_CONFIG disagree"
+
+    def maybe_die(pulls_ok: int) -> None:
+        if name == die and pulls_ok >= 5 and not (workdir / f"{name}.died").exists():
+            (workdir / f"{name}.died").touch()
+            print(f"{name}: killing myself", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
     params = np.full(1000, float(name.lstrip("w")), np.float32)
-    deadline = time.monotonic() + 120
     with dpwa_core.Node(config, seed=0) as node:
-        node.wait_for_peers(timeout=60)
-        everyone = [workdir / f"{spec.name}.done" for spec in config.nodes]
-        while not all(path.exists() for path in everyone):
-            if time.monotonic() > deadline:
-                print(f"{name}: timed out; stats {node.stats()}", file=sys.stderr)
-                return 1
-            node.update_send(params, 1.0)
-            result = node.update_wait(1.0)
-            if result is not None:
-                params += result.factor * (result.params - params)
-            ok = node.stats()["pulls_ok"]
-            if name == die and ok >= 5 and not (workdir / f"{name}.died").exists():
-                (workdir / f"{name}.died").touch()
-                print(f"{name}: killing myself", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
-            if ok >= pulls:
-                (workdir / f"{name}.done").touch()
-            time.sleep(0.01)
-        stats = node.stats()
-        print(f"{name} pulls_ok={stats['pulls_ok']} at {node.address[1]}", flush=True)
+        if not gossip_until_all_done(node, config, workdir, pulls, params, maybe_die):
+            return 1
+        print(f"{name} pulls_ok={node.stats()['pulls_ok']} at {node.address[1]}", flush=True)
     return 0
 
 
