@@ -35,11 +35,12 @@ import yaml
 
 from dpwa_core import registry
 from dpwa_core._log import get_logger
-from dpwa_core.auth import AuthSettings, file_is_private, load_secret
+from dpwa_core.secret import AuthSettings, file_is_private, load_secret
 from dpwa_core.errors import ConfigError, PluginError
 from dpwa_core.hookspec import Strategy
 from dpwa_core.launchers import ARGUMENT_SOURCE, NODE_ENV, NodeChoice, node_from_environment
 from dpwa_core.launchers import ways_to_choose as _ways_to_choose
+from dpwa_core.robust import RobustSettings
 from dpwa_core.tls import TlsSettings, server_context
 
 __all__ = ["NODE_ENV", "TRANSPORTS", "WIRE_DTYPES", "Config", "NodeSpec", "load_config"]
@@ -57,9 +58,10 @@ TRANSPORTS = ("auto", "tcp", "shm")
 """Values of ``transport``: shared memory with co-located peers when possible, or one path."""
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 """Values of ``wire_dtype``: the element type this node sends parameters as over TCP."""
-_TOP_LEVEL = ("nodes", *_SETTINGS, "auth", "tls")
+_TOP_LEVEL = ("nodes", *_SETTINGS, "auth", "tls", "robust")
 _AUTH_KEYS = ("secret_env", "secret_file")
 _TLS_KEYS = ("cert", "key", "ca", "check_hostname")
+_ROBUST_KEYS = ("clip", "clip_scale", "clip_window", "max_clock_lead")
 _log = get_logger("config")
 _ALIASES = {"fetch_probability": "pull_probability"}  # the seed's names for today's keys
 _NODE_KEYS = ("name", "host", "port")
@@ -105,6 +107,7 @@ class Config:
         wire_dtype: ``float32``, ``float16`` or ``bfloat16``: what this node sends over TCP.
         auth: the shared secret every connection must prove, or None (trusted networks only).
         tls: certificate, key and CA for mutual TLS, or None for plain TCP.
+        robust: how far a peer may move our model and clock in one pull (docs/CONFIG.md).
         source: where the config came from, for error messages; not compared.
 
     Raises:
@@ -123,6 +126,7 @@ class Config:
     wire_dtype: str = "float32"
     auth: AuthSettings | None = None
     tls: TlsSettings | None = None
+    robust: RobustSettings = field(default_factory=RobustSettings)
     source: str = field(default="<mapping>", compare=False)
 
     def __post_init__(self) -> None:
@@ -142,6 +146,8 @@ class Config:
                 raise self._error(key, f"must be one of {', '.join(allowed)}; got {value!r}")
         if self.auth is not None and not isinstance(self.auth, AuthSettings):
             raise self._error("auth", f"must be an AuthSettings, got {self.auth!r}")
+        if not isinstance(self.robust, RobustSettings):
+            raise self._error("robust", f"must be a RobustSettings, got {self.robust!r}")
         if self.tls is not None:
             if not isinstance(self.tls, TlsSettings):
                 raise self._error("tls", f"must be a TlsSettings, got {self.tls!r}")
@@ -297,6 +303,7 @@ class Config:
         }
         if self.tls is not None:
             mapping["tls"] = dataclasses.asdict(self.tls)
+        mapping["robust"] = dataclasses.asdict(self.robust)
         return mapping
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -497,6 +504,7 @@ def _from_document(document: Any, source: str, nodes: Iterable[NodeSpec] | None 
         source=source,
         auth=_auth(raw.get("auth"), source, base),
         tls=_tls(raw.get("tls"), source, base),
+        robust=_robust(raw.get("robust"), source),
         **settings,
     )
 
@@ -560,6 +568,35 @@ def _tls(value: Any, source: str, base: str) -> TlsSettings | None:
         )
     cert, key, ca = (_path(value[k], f"tls.{k}", source, base) for k in ("cert", "key", "ca"))
     return TlsSettings(cert, key, ca, check)
+
+
+def _robust(value: Any, source: str) -> RobustSettings:
+    """The ``robust`` section: clipping of what peers send, and the bound on their clocks."""
+    if value is None:
+        return RobustSettings()
+    example = "{clip: true, clip_scale: 2.0, clip_window: 16, max_clock_lead: 2.0}"
+    _keys_of(value, "robust", _ROBUST_KEYS, example, source)
+    clip = value.get("clip", True)
+    if not isinstance(clip, bool):
+        raise ConfigError(f"{source}: key 'robust.clip' must be true or false, got {clip!r}.")
+    numbers: dict[str, float] = {}
+    for key, rule, ok in (
+        ("clip_scale", "a number >= 1, e.g. 2.0", lambda v: v >= 1),
+        ("max_clock_lead", "a number >= 1, e.g. 2.0", lambda v: v >= 1),
+    ):
+        number = value.get(key, getattr(RobustSettings, key))
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"{source}: key 'robust.{key}' must be {rule}; got {number!r}.")
+        if not (math.isfinite(number) and ok(number)):
+            raise ConfigError(f"{source}: key 'robust.{key}' must be {rule}; got {number!r}.")
+        numbers[key] = float(number)
+    window = value.get("clip_window", RobustSettings.clip_window)
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 1024:
+        raise ConfigError(
+            f"{source}: key 'robust.clip_window' must be an integer 1..1024, e.g. 16; "
+            f"got {window!r}."
+        )
+    return RobustSettings(clip, numbers["clip_scale"], window, numbers["max_clock_lead"])
 
 
 def _merge_list_layout(document: list[Any], source: str) -> dict[Any, Any]:

@@ -142,6 +142,8 @@ class Node:
             spec.host,
             spec.port,
             self.config.timeout,
+            name=self.name,
+            members=[n.name for n in self.config.nodes],
             secret=self._secret,
             tls=server_context(tls, self.config.source) if tls else None,
             wire_dtype=wire_dtype(self.config.wire_dtype),

@@ -23,6 +23,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,7 +98,13 @@ class Server:
         secret: bytes | None = None,
         tls: ssl.SSLContext | None = None,
         wire_dtype: WireDType = WireDType.FLOAT32,
+        name: str = "",
+        members: Iterable[str] = (),
     ) -> None:
+        self.name = name
+        """This node's name: the handshake binds it, and refuses clients that claim it."""
+        self.members = frozenset(members)
+        """Names the handshake accepts from clients (the config's nodes); empty: any name."""
         self.timeout = timeout
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
