@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hmac
 import queue
 import socket
 import ssl
@@ -28,8 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dpwa_core._log import OncePerPeer, get_logger, reason_of
-from dpwa_core.auth import client_handshake
+from dpwa_core._log import OncePerPeer, get_logger, peer_text, reason_of
+from dpwa_core.auth import MAC_SIZE, MessageMac, Session, client_handshake
 from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.peers import Peer, PeerTable
@@ -92,6 +93,15 @@ class Ticket:
                 setattr(self, key, value)
         self.done.set()
         return True
+
+
+@dataclass
+class _Link:
+    """A kept-alive connection to a peer: the socket, where it goes, and its auth session."""
+
+    sock: socket.socket
+    address: tuple[str, int]
+    session: Session | None = None
 
 
 class _NotReady(Exception):
@@ -170,7 +180,7 @@ class Puller:
         self.buffer = np.empty(layout.size, np.float32)
         self._header = memoryview(bytearray(HEADER.size))
         self._peers = peers
-        self._conns: dict[str, tuple[socket.socket, tuple[str, int]]] = {}
+        self._conns: dict[str, _Link] = {}
         self._queue: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
         self._warn = OncePerPeer(_log)
         self._failing: dict[str, int] = {}  # peer -> failed pulls since its last success
@@ -189,9 +199,9 @@ class Puller:
         self._queue.put(None)
         # Shutting the sockets down wakes a blocked send or receive at once; the thread then
         # sees the sentinel and closes them itself.
-        for conn, _ in list(self._conns.values()):
+        for link in list(self._conns.values()):
             with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+                link.sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -201,8 +211,8 @@ class Puller:
             except Exception:  # never let one bad pull kill the thread
                 _log.exception("%s: unexpected error during a pull", self.name)
                 ticket.resolve(Outcome.FAILED)
-        for conn, _ in list(self._conns.values()):
-            conn.close()
+        for link in list(self._conns.values()):
+            link.sock.close()
         for segment in self._segments.values():
             segment.close()
         self._segments.clear()
@@ -273,31 +283,66 @@ class Puller:
     def _exchange(self, peer: Peer, ticket: Ticket) -> tuple[float, float]:
         """Send PULL, receive the answer; returns the peer's (clock, loss)."""
         offer_shm = self.transport != "tcp" and peer.address not in self._no_shm
-        conn = self._request(peer, ticket, FLAG_SHM if offer_shm else 0)
+        link = self._request(peer, ticket, FLAG_SHM if offer_shm else 0)
         for _ in range(3):
-            header = decode_header(self._header)
-            self._check_answer(conn, header, ticket.deadline)
+            header = self._receive_answer(link, ticket.deadline, offer_shm)
             if header.type is MessageType.PARAMS:
-                self._receive_params(conn, header, ticket.deadline)
                 break
-            # SHM_PARAMS: only ever sent to a PULL that offered shared memory.
-            if not offer_shm:
-                raise ProtocolError("got SHM_PARAMS in answer to a PULL that did not offer it")
-            recv_exact(conn, self._shm_payload, ticket.deadline)
             self.bytes_in += HEADER.size + SHM_ANSWER.size
             if self._read_shm(peer, ShmAnswer.decode(self._shm_payload)):
                 self.pulls_shm += 1
                 break
             # Torn or not mappable here: ask again, over TCP unless shared memory is required.
             offer_shm = self.transport == "shm"
-            request = self._encode_request(ticket, FLAG_SHM if offer_shm else 0)
-            send_all(conn, request, ticket.deadline)
-            recv_exact(conn, self._header, ticket.deadline)
+            self._send(link, self._encode_request(ticket, FLAG_SHM if offer_shm else 0), ticket)
+            recv_exact(link.sock, self._header, ticket.deadline)
         else:
             raise ProtocolError("the peer's shared-memory snapshot was overwritten during 3 copies")
         if not self._finite:
             raise _NonFinite
         return header.clock, header.loss
+
+    def _receive_answer(self, link: _Link, deadline: float, offer_shm: bool) -> Header:
+        """Receive the rest of the answer whose header is in ``self._header``, check its tag.
+
+        Nothing of the answer is acted on before its tag (with ``auth``) has been checked; a
+        PARAMS payload lands in the receive buffer, which is handed out only after that.
+        """
+        conn, session = link.sock, link.session
+        mac = session.receive.begin() if session is not None else None
+        if mac is not None:
+            mac.update(self._header)
+        header = decode_header(self._header)
+        text = b""
+        if header.type is MessageType.PARAMS:
+            self._check_fingerprint(header)
+            self._receive_params(conn, header, deadline, mac)
+        elif header.type is MessageType.SHM_PARAMS:
+            if not offer_shm:  # only ever sent to a PULL that offered shared memory
+                raise ProtocolError("got SHM_PARAMS in answer to a PULL that did not offer it")
+            self._check_fingerprint(header)
+            recv_exact(conn, self._shm_payload, deadline)
+            if mac is not None:
+                mac.update(self._shm_payload)
+        elif header.type is MessageType.LAYOUT_MISMATCH:
+            payload = bytearray(header.length)  # bounded by MAX_TEXT_PAYLOAD in decode_header
+            recv_exact(conn, memoryview(payload), deadline)
+            if mac is not None:
+                mac.update(payload)
+            text = bytes(payload)
+        if mac is not None:
+            tag = bytearray(MAC_SIZE)
+            recv_exact(conn, memoryview(tag), deadline)
+            MessageMac.verify(mac, tag)
+            self.bytes_in += MAC_SIZE
+        self._check_answer(header, text)
+        return header
+
+    def _send(self, link: _Link, message: bytes, ticket: Ticket) -> None:
+        """Send one short message, tagged when the connection has a session."""
+        if link.session is not None:
+            message += link.session.send.tag(message)
+        send_all(link.sock, message, ticket.deadline)
 
     def _encode_request(self, ticket: Ticket, flags: int) -> bytes:
         size, shape_hash = self.layout.fingerprint
@@ -310,15 +355,15 @@ class Puller:
             flags=flags,
         )
 
-    def _request(self, peer: Peer, ticket: Ticket, flags: int) -> socket.socket:
+    def _request(self, peer: Peer, ticket: Ticket, flags: int) -> _Link:
         """Send PULL and receive the answer's header; returns the connection."""
         request = self._encode_request(ticket, flags)
         for attempt in range(2):
-            conn, fresh = self._connection(peer, ticket.deadline)
+            link, fresh = self._connection(peer, ticket.deadline)
             try:
-                send_all(conn, request, ticket.deadline)
-                recv_exact(conn, self._header, ticket.deadline)
-                return conn
+                self._send(link, request, ticket)
+                recv_exact(link.sock, self._header, ticket.deadline)
+                return link
             except ConnectionError:
                 self._close(peer.name)
                 # A kept-alive socket the peer dropped (restart, idle close): retry once, fresh.
@@ -326,8 +371,8 @@ class Puller:
                     raise
         raise AssertionError("unreachable")
 
-    def _check_answer(self, conn: socket.socket, header: Header, deadline: float) -> None:
-        """Raise unless ``header`` announces parameters for our layout."""
+    def _check_answer(self, header: Header, text: bytes) -> None:
+        """Raise unless ``header`` (its tag checked) announces parameters."""
         if header.type is MessageType.NOT_READY:
             raise _NotReady
         if header.type is MessageType.TLS_REQUIRED:
@@ -340,40 +385,50 @@ class Puller:
                 "the peer requires the shared-secret handshake, but this node has no 'auth' "
                 "configured; give every node the same auth section"
             )
+        if header.type is MessageType.UNSUPPORTED_VERSION:
+            raise ProtocolError("the peer refuses this node's protocol version")
         if header.type is MessageType.LAYOUT_MISMATCH:
-            text = bytearray(header.length)  # bounded by MAX_TEXT_PAYLOAD in decode_header
-            recv_exact(conn, memoryview(text), deadline)
-            theirs = text.decode("utf-8", "replace")
-            raise ProtocolError(f"layout mismatch: ours {self.layout.describe()}; theirs {theirs}")
+            raise ProtocolError(
+                f"layout mismatch: ours {self.layout.describe()}; theirs {peer_text(text)}"
+            )
         if header.type not in (MessageType.PARAMS, MessageType.SHM_PARAMS):
             raise ProtocolError(f"expected PARAMS, got {header.type.name}")
+
+    def _check_fingerprint(self, header: Header) -> None:
+        """Raise unless ``header`` holds parameters of our layout (checked before the payload)."""
         if (header.size, header.shape_hash) != self.layout.fingerprint:
             theirs = describe_fingerprint(header.size, header.shape_hash)
             raise ProtocolError(f"layout mismatch: ours {self.layout.describe()}; theirs {theirs}")
 
-    def _receive_params(self, conn: socket.socket, header: Header, deadline: float) -> None:
+    def _receive_params(
+        self, conn: socket.socket, header: Header, deadline: float, mac: hmac.HMAC | None
+    ) -> None:
         """Receive a PARAMS payload into the buffer, converting a narrower wire dtype.
 
         Received chunk by chunk, each checked for NaN and Inf right after it lands (while it is
-        in cache) when ``reject_nonfinite`` is on.
+        in cache) when ``reject_nonfinite`` is on, and fed to ``mac`` with ``auth``.
         """
         check = self.reject_nonfinite
         self._finite = True
         if header.dtype is WireDType.FLOAT32:
             for start in range(0, self.buffer.size, RECEIVE_CHUNK):
                 chunk = self.buffer[start : start + RECEIVE_CHUNK]
-                recv_exact(conn, chunk.data.cast("B"), deadline)
+                view = chunk.data.cast("B")
+                recv_exact(conn, view, deadline)
+                if mac is not None:
+                    mac.update(view)
                 if check and self._finite:
                     self._finite = all_finite(chunk, self._mask)
         else:
             if self._scratch is None:
                 self._scratch = np.empty(CHUNK_ELEMENTS * 2, np.uint8)
-            decode_into(
-                lambda view: recv_exact(conn, view, deadline),
-                header.dtype,
-                self.buffer,
-                self._scratch,
-            )
+
+            def receive(view: memoryview) -> None:
+                recv_exact(conn, view, deadline)
+                if mac is not None:
+                    mac.update(view)
+
+            decode_into(receive, header.dtype, self.buffer, self._scratch)
             if check:
                 self._finite = all_finite(self.buffer, self._mask)
         self.bytes_in += HEADER.size + header.length
@@ -413,11 +468,11 @@ class Puller:
             return False
         return True
 
-    def _connection(self, peer: Peer, deadline: float) -> tuple[socket.socket, bool]:
+    def _connection(self, peer: Peer, deadline: float) -> tuple[_Link, bool]:
         """The kept-alive connection to ``peer``, or a new one; True when new."""
         kept = self._conns.get(peer.name)
-        if kept is not None and kept[1] == peer.address:
-            return kept[0], False
+        if kept is not None and kept.address == peer.address:
+            return kept, False
         self._close(peer.name)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -439,19 +494,22 @@ class Puller:
                         "does it have the cluster's tls section?"
                     ) from None
             # Registered before the handshake, so close() can cut a stalled one short.
-            self._conns[peer.name] = (conn, peer.address)
+            link = _Link(conn, peer.address)
+            self._conns[peer.name] = link
             if self._secret is not None:
-                client_handshake(conn, self._secret, deadline)
+                link.session = client_handshake(
+                    conn, self._secret, deadline, name=self.name, peer=peer.name
+                )
         except BaseException:
             self._close(peer.name)
             conn.close()
             raise
-        return conn, True
+        return link, True
 
     def _close(self, name: str) -> None:
         kept = self._conns.pop(name, None)
         if kept is not None:
-            kept[0].close()
+            kept.sock.close()
 
     def _drop_forgotten(self) -> None:
         """Close the connections and unmap the segments of peers removed from the table."""

@@ -10,10 +10,14 @@ pinned snapshot sits in shared memory instead (when the node keeps its snapshots
 
 A new connection must finish its opening (TLS handshake when configured, the shared-secret
 handshake when configured, and its first request) within ``timeout`` seconds of being accepted;
-every later request must arrive whole within ``timeout`` of its first byte. Connections are
-capped: when the cap is reached, the oldest connection that has not finished its opening, or
-else the one idle the longest, is closed to make room, so idle or slow connections can never
-lock valid peers out.
+every later request must arrive whole within :data:`REQUEST_DEADLINE` of its first byte. With
+``auth``, the handshake binds the client's and this node's names, and every later message in
+both directions carries a tag (:class:`~dpwa_core.auth.MessageMac`).
+
+Connections are capped, in all and per source address. When a newcomer finds no room, a
+connection of the address holding the most is closed: one still opening, else one whose request
+has started but not arrived, else the one idle the longest, else the oldest being answered. So
+neither idle, slow nor stalled connections, from one address or many, can lock valid peers out.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpwa_core._log import OncePerPeer, get_logger, reason_of
-from dpwa_core.auth import AUTH_MAGIC, server_handshake
+from dpwa_core.auth import AUTH_MAGIC, MAC_SIZE, Session, check_name, server_handshake
 from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
-from dpwa_core.snapshot import SnapshotBuffer
+from dpwa_core.snapshot import Snapshot, SnapshotBuffer
 from dpwa_core.wire import (
     FLAG_SHM,
     HEADER,
@@ -41,6 +45,7 @@ from dpwa_core.wire import (
     Header,
     MessageType,
     ShmAnswer,
+    VersionError,
     decode_header,
     encode_header,
     recv_exact,
@@ -48,11 +53,19 @@ from dpwa_core.wire import (
 )
 from dpwa_core.wire_dtype import CHUNK_ELEMENTS, WireDType, encode_chunks
 
-__all__ = ["Server"]
+__all__ = ["MAX_PER_HOST", "REQUEST_DEADLINE", "Server"]
 
 _log = get_logger("server")
 _ACCEPT_POLL = 0.1  # seconds; bounds how long close() waits for the listener thread
 _TLS_RECORD = 0x16  # first byte of a TLS handshake record
+REQUEST_DEADLINE = 0.5
+"""Seconds (at most ``timeout``) a request has to arrive whole once its first byte has: a
+request is one small message, sent at once."""
+MAX_PER_HOST = 32
+"""Connections one source address may hold, unless a configured node lives there."""
+
+# What a connection is doing; a newcomer evicts in this order (lower first).
+_OPENING, _STARTED, _IDLE, _ANSWERING = range(4)
 
 
 @dataclass(eq=False)
@@ -62,13 +75,26 @@ class _Connection:
     sock: socket.socket
     peer: str
     opened: float
-    idle_since: float | None = None
-    """Set while the connection waits for its next request after serving one."""
+    state: int = _OPENING
+    """What it is doing: opening, a request started, idle, or being answered."""
+    since: float = 0.0
+    """When it entered ``state``."""
     open_done: bool = False
     """The opening (TLS, handshake, first request) is over."""
+    session: Session | None = None
+    """The handshake's session with ``auth``: every later message is tagged with it."""
     evicted: bool = False
     scratch: np.ndarray | None = None
     """Conversion buffer for answers in a narrower wire dtype, made at the first one."""
+
+    @property
+    def host(self) -> str:
+        """The source address, without the port."""
+        return self.peer.rsplit(":", 1)[0]
+
+    def enter(self, state: int) -> None:
+        """Record that the connection now does ``state``."""
+        self.state, self.since = state, time.monotonic()
 
 
 class Server:
@@ -79,12 +105,22 @@ class Server:
         port: port to bind (0 picks a free one).
         timeout: seconds a peer has to open a connection (handshakes and first request) and to
             finish each request once started, and we to send an answer.
-        max_connections: connections held at once; at the cap the oldest unfinished opening (or
-            else the longest-idle connection) is closed to make room.
+        max_connections: connections held at once; at the cap, or at ``max_per_host`` for the
+            newcomer's address, a connection of the address holding the most is closed to make
+            room (see the module's docstring).
+        max_per_host: connections one source address may hold, unless it is the address of one
+            of ``member_hosts``.
         idle_timeout: seconds an idle persistent connection is kept open.
         secret: the shared secret every connection must prove (see :mod:`dpwa_core.auth`), or
             None to serve anyone who connects.
         tls: a server TLS context (see :mod:`dpwa_core.tls`), or None for plain TCP.
+        wire_dtype: the element type parameters are sent as over TCP.
+        name: this node's name, which the handshake binds; clients that dialled another name,
+            or claim this one, are refused.
+        members: the names the handshake accepts from clients (the config's nodes); empty
+            accepts any name but our own.
+        member_hosts: hosts (names or addresses) of the configured nodes, exempt from
+            ``max_per_host``.
     """
 
     def __init__(
@@ -94,19 +130,27 @@ class Server:
         timeout: float,
         *,
         max_connections: int = 256,
+        max_per_host: int = MAX_PER_HOST,
         idle_timeout: float = 120.0,
         secret: bytes | None = None,
         tls: ssl.SSLContext | None = None,
         wire_dtype: WireDType = WireDType.FLOAT32,
-        name: str = "",
+        name: str = "server",
         members: Iterable[str] = (),
+        member_hosts: Iterable[str] = (),
     ) -> None:
         self.name = name
         """This node's name: the handshake binds it, and refuses clients that claim it."""
-        self.members = frozenset(members)
+        self.members = set(members)
         """Names the handshake accepts from clients (the config's nodes); empty: any name."""
+        if secret is not None:
+            for member in (name, *self.members):
+                check_name(member)  # raises ValueError for a name the handshake cannot carry
         self.timeout = timeout
         self.max_connections = max_connections
+        self.max_per_host = max_per_host
+        self._member_hosts = set(member_hosts)
+        self._member_addresses: set[str] = set()  # resolved in the listener thread
         self.idle_timeout = idle_timeout
         self._secret = secret
         self._tls = tls
@@ -172,7 +216,19 @@ class Server:
         for thread in threads:
             thread.join(max(0.0, end - time.monotonic()))
 
+    def add_member(self, name: str, host: str) -> None:
+        """Accept handshakes from ``name`` too, and exempt ``host`` from the per-host cap."""
+        if self._secret is not None:
+            check_name(name)
+        with self._lock:
+            if self.members:
+                self.members.add(name)
+            self._member_addresses.update(_addresses(host))
+
     def _accept_loop(self) -> None:
+        addresses = {a for host in self._member_hosts for a in _addresses(host)}
+        with self._lock:
+            self._member_addresses |= addresses
         while not self._closed.is_set():
             try:
                 sock, addr = self._listener.accept()
@@ -183,7 +239,8 @@ class Server:
                     return
                 time.sleep(_ACCEPT_POLL)  # e.g. out of file descriptors: back off, keep serving
                 continue
-            conn = _Connection(sock, f"{addr[0]}:{addr[1]}", time.monotonic())
+            now = time.monotonic()
+            conn = _Connection(sock, f"{addr[0]}:{addr[1]}", now, since=now)
             if not self._admit(conn):
                 sock.close()
                 continue
@@ -197,12 +254,15 @@ class Server:
             thread.start()
 
     def _admit(self, conn: _Connection) -> bool:
-        """Make room for ``conn`` if the cap is reached; False when nothing could be closed."""
+        """Make room for ``conn`` if a cap is reached; False when nothing could be closed."""
         victim = None
         full = False
+        host = conn.host
         with self._lock:
-            if len(self._conns) >= self.max_connections:
-                victim = self._victim()
+            held = sum(1 for c in self._conns if c.host == host)
+            per_host = held >= self.max_per_host and host not in self._member_addresses
+            if per_host or len(self._conns) >= self.max_connections:
+                victim = self._victim(host if per_host else None)
                 if victim is None:
                     self.rejected += 1
                     full = True
@@ -212,39 +272,44 @@ class Server:
                     self.evicted += 1
             if not full:
                 self._conns.add(conn)
-        host = conn.peer.rsplit(":", 1)[0]
         if full:
             self._rejections.warning(
                 host,
                 "full",
-                "refused %s: all %d connections are busy with requests",
+                "refused %s: all %d connections%s are being answered",
                 conn.peer,
-                self.max_connections,
+                self.max_per_host if per_host else self.max_connections,
+                f" from {host}" if per_host else "",
             )
             return False
         if victim is not None:
             _shutdown(victim.sock)
             self._rejections.warning(
-                victim.peer.rsplit(":", 1)[0],
+                victim.host,
                 "evicted",
-                "closed %s connection from %s to make room: %d connections open",
-                "an idle" if victim.open_done else "an unfinished",
+                "closed %s connection from %s to make room for %s: %d connections open",
+                ("an opening", "a stalled", "an idle", "an answered")[victim.state],
                 victim.peer,
-                self.max_connections,
+                conn.peer,
+                len(self._conns),
             )
         return True
 
-    def _victim(self) -> _Connection | None:
-        """The connection to close for a newcomer (the lock is held), or None: all are busy."""
-        # Openings first: anyone can make them, while an idle connection belongs to a peer
-        # that has finished one (and authenticated, when auth is on).
-        opening = [c for c in self._conns if not c.open_done]
-        if opening:
-            return min(opening, key=lambda c: c.opened)
-        idle = [c for c in self._conns if c.idle_since is not None]
-        if idle:
-            return min(idle, key=lambda c: c.idle_since or 0.0)
-        return None
+    def _victim(self, host: str | None) -> _Connection | None:
+        """The connection to close for a newcomer (the lock is held), or None.
+
+        From ``host`` when given (it holds its cap), else from the address holding the most
+        connections: one still opening (anyone can make them), else one whose request started
+        but did not arrive, else the longest idle, else the oldest being answered. A peer's
+        kept-alive connection is idle or answered, so stalling connections go first.
+        """
+        conns = [c for c in self._conns if host is None or c.host == host]
+        if not conns:
+            return None
+        held: dict[str, int] = {}
+        for c in self._conns:
+            held[c.host] = held.get(c.host, 0) + 1
+        return min(conns, key=lambda c: (-held[c.host], c.state, c.since))
 
     def _serve(self, conn: _Connection) -> None:
         peer = conn.peer
@@ -255,13 +320,14 @@ class Server:
         except _Done:
             pass
         except ProtocolError as exc:  # AuthError included
-            self._reject(host, f"closed connection from {peer}: {exc}", reason_of(str(exc)))
+            if conn.evicted or self._closed.is_set():
+                _log.debug("connection from %s ended: %s", peer, exc)
+            else:
+                self._reject(host, f"closed connection from {peer}: {exc}", reason_of(str(exc)))
         except TimeoutError:
             stage = "its request or our answer" if conn.open_done else "its opening"
             self._reject(
-                host,
-                f"closed connection from {peer}: {stage} took longer than {self.timeout:g} s",
-                f"timeout:{conn.open_done}",
+                host, f"closed connection from {peer}: {stage} took too long", f"timeout:{stage}"
             )
         except ssl.SSLError as exc:
             if conn.evicted or self._closed.is_set() or isinstance(exc, ssl.SSLEOFError):
@@ -321,12 +387,18 @@ class Server:
                     "the peer sent an auth handshake, but this node has no 'auth' configured; "
                     "give every node the same auth section"
                 )
-            server_handshake(conn.sock, self._secret, deadline, magic)
+            conn.session = server_handshake(
+                conn.sock, self._secret, deadline, magic, name=self.name, members=self.members
+            )
             conn.open_done = True
             return  # the first request follows like any later one
         if magic == MAGIC:
             recv_exact(conn.sock, header[4:], deadline)
-            request = decode_header(header)
+            try:
+                request = decode_header(header)
+            except VersionError:
+                self._refuse(conn.sock, MessageType.UNSUPPORTED_VERSION)
+                raise
             if self._secret is not None:
                 self._refuse(conn.sock, MessageType.AUTH_REQUIRED)
                 raise AuthError(
@@ -342,26 +414,34 @@ class Server:
 
     def _loop(self, conn: _Connection) -> None:
         """Answer requests on an opened connection until it closes."""
-        header = memoryview(bytearray(HEADER.size))
+        session = conn.session
+        message = memoryview(bytearray(HEADER.size + (MAC_SIZE if session else 0)))
+        header = message[: HEADER.size]
         while not self._closed.is_set() and not conn.evicted:
-            # Idle peers may wait long for their next pull; a started header must finish fast.
-            conn.idle_since = time.monotonic()
+            # Idle peers may wait long for their next pull; a started request must finish fast.
+            conn.enter(_IDLE)
             conn.sock.settimeout(self.idle_timeout)
             try:
-                got = conn.sock.recv_into(header[:1], 1)
+                got = conn.sock.recv_into(message[:1], 1)
             except TimeoutError:
                 _log.debug("closed idle connection from %s", conn.peer)
                 return
-            finally:
-                conn.idle_since = None
             if got == 0:
                 return
-            recv_exact(conn.sock, header[1:], time.monotonic() + self.timeout)
+            conn.enter(_STARTED)
+            recv_exact(conn.sock, message[1:], time.monotonic() + self._request_deadline)
+            if session is not None:
+                session.receive.check(message[HEADER.size :], header)
             self._handle(conn, decode_header(header))
+
+    @property
+    def _request_deadline(self) -> float:
+        return min(self.timeout, REQUEST_DEADLINE)
 
     def _handle(self, conn: _Connection, request: Header) -> None:
         if request.type is not MessageType.PULL:
             raise ProtocolError(f"expected a PULL request, got {request.type.name}")
+        conn.enter(_ANSWERING)
         if not self._answer(conn, request):
             raise _Done
 
@@ -369,13 +449,21 @@ class Server:
         with contextlib.suppress(OSError):  # best effort: the log line is what matters
             send_all(sock, encode_header(kind), time.monotonic() + min(self.timeout, 1.0))
 
+    def _send(self, connection: _Connection, deadline: float, message: bytes) -> None:
+        """Send one whole short message, with its tag when the connection has a session."""
+        if connection.session is not None:
+            message += connection.session.send.tag(message)
+        send_all(connection.sock, message, deadline)
+
     def _answer(self, connection: _Connection, request: Header) -> bool:
         """Answer one PULL; False when the connection must close."""
-        conn, peer = connection.sock, connection.peer
+        peer = connection.peer
         size, shape_hash = request.size, request.shape_hash
         source = self._source
         if source is None:
-            send_all(conn, encode_header(MessageType.NOT_READY), time.monotonic() + self.timeout)
+            self._send(
+                connection, time.monotonic() + self.timeout, encode_header(MessageType.NOT_READY)
+            )
             return True
         layout, snapshots = source
         if (size, shape_hash) != layout.fingerprint:
@@ -383,7 +471,7 @@ class Server:
             with self._lock:
                 self.rejected += 1
             self._rejections.warning(
-                peer.rsplit(":", 1)[0],
+                connection.host,
                 "layout",
                 "refused pull from %s: layout mismatch: theirs %s; ours %s",
                 peer,
@@ -397,12 +485,12 @@ class Server:
                 shape_hash=layout.shape_hash,
                 length=len(text),
             )
-            send_all(conn, reply + text, time.monotonic() + self.timeout)
+            self._send(connection, time.monotonic() + self.timeout, reply + text)
             return False
         with snapshots.pinned() as snapshot:
             deadline = time.monotonic() + self.timeout
             if snapshot is None:
-                send_all(conn, encode_header(MessageType.NOT_READY), deadline)
+                self._send(connection, deadline, encode_header(MessageType.NOT_READY))
                 return True
             if request.flags & FLAG_SHM and snapshots.segment is not None:
                 # Co-located peers copy the pinned slot themselves; only its address goes out.
@@ -420,28 +508,12 @@ class Server:
                     shape_hash=layout.shape_hash,
                     length=len(answer),
                 )
-                send_all(conn, reply + answer, deadline)
+                self._send(connection, deadline, reply + answer)
                 sent = HEADER.size + len(answer)
             else:
-                dtype = self.wire_dtype
-                reply = encode_header(
-                    MessageType.PARAMS,
-                    clock=snapshot.clock,
-                    loss=snapshot.loss,
-                    size=layout.size,
-                    shape_hash=layout.shape_hash,
-                    length=layout.size * dtype.itemsize,
-                    dtype=dtype,
-                )
-                send_all(conn, reply, deadline)
-                scratch = _EMPTY
-                if dtype is not WireDType.FLOAT32:
-                    if connection.scratch is None:
-                        connection.scratch = np.empty(CHUNK_ELEMENTS * 2, np.uint8)
-                    scratch = connection.scratch
-                for chunk in encode_chunks(snapshot.params, dtype, scratch):
-                    send_all(conn, chunk, deadline)
-                sent = HEADER.size + layout.size * dtype.itemsize
+                sent = self._send_params(connection, layout, snapshot, deadline)
+        if connection.session is not None:
+            sent += MAC_SIZE
         with self._lock:
             self.served += 1
             self.bytes_out += sent
@@ -449,12 +521,59 @@ class Server:
                 self.served_shm += 1
         return True
 
+    def _send_params(
+        self, connection: _Connection, layout: Layout, snapshot: Snapshot, deadline: float
+    ) -> int:
+        """Stream the snapshot as PARAMS in the wire dtype, tagged chunk by chunk; its size."""
+        conn, session, dtype = connection.sock, connection.session, self.wire_dtype
+        reply = encode_header(
+            MessageType.PARAMS,
+            clock=snapshot.clock,
+            loss=snapshot.loss,
+            size=layout.size,
+            shape_hash=layout.shape_hash,
+            length=layout.size * dtype.itemsize,
+            dtype=dtype,
+        )
+        mac = session.send.begin() if session is not None else None
+        if mac is not None:
+            mac.update(reply)
+        send_all(conn, reply, deadline)
+        scratch = _EMPTY
+        if dtype is not WireDType.FLOAT32:
+            if connection.scratch is None:
+                connection.scratch = np.empty(CHUNK_ELEMENTS * 2, np.uint8)
+            scratch = connection.scratch
+        for chunk in encode_chunks(snapshot.params, dtype, scratch):
+            if mac is None:
+                send_all(conn, chunk, deadline)
+                continue
+            for start in range(0, len(chunk), _MAC_CHUNK):  # tag each piece while it is hot
+                piece = chunk[start : start + _MAC_CHUNK]
+                mac.update(piece)
+                send_all(conn, piece, deadline)
+        if mac is not None:
+            send_all(conn, mac.digest(), deadline)
+        return HEADER.size + layout.size * dtype.itemsize
 
+
+_MAC_CHUNK = 1 << 20  # bytes tagged and sent at a time
 _EMPTY = np.empty(0, np.uint8)  # float32 answers are sent straight from the snapshot
 
 
 class _Done(Exception):
     """The connection is finished on purpose (e.g. after a LAYOUT_MISMATCH answer)."""
+
+
+def _addresses(host: str) -> set[str]:
+    """The IP addresses ``host`` names (itself when it is one); empty when it cannot resolve."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return set()
+    found = {str(info[4][0]) for info in infos}
+    # An IPv4 client reaching an IPv6 listener shows up as ::ffff:a.b.c.d.
+    return found | {f"::ffff:{a}" for a in found if ":" not in a}
 
 
 def _shutdown(conn: socket.socket) -> None:

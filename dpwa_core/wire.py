@@ -1,5 +1,7 @@
 """The wire format: one fixed 52-byte header, then raw little-endian parameters.
 
+With ``auth``, every message is followed by a 32-byte tag (:class:`dpwa_core.auth.MessageMac`).
+
 docs/PROTOCOL.md describes every byte. Nothing received is unpickled or evaluated: a message is
 decoded with :mod:`struct`, every field is checked before it is used, and a payload is received
 straight into a buffer the receiver allocated for its own layout, so a peer cannot make us
@@ -29,6 +31,7 @@ __all__ = [
     "Header",
     "MessageType",
     "ShmAnswer",
+    "VersionError",
     "decode_header",
     "encode_header",
     "recv_exact",
@@ -36,7 +39,8 @@ __all__ = [
 ]
 
 MAGIC = b"DPWA"
-VERSION = 1
+VERSION = 2
+"""Version 2 tags every message after an ``auth`` handshake; version 1 is refused."""
 HEADER = struct.Struct("<4sBBHBBHddQQQ")
 """magic, version, type, flags, dtype, reserved8, reserved16, clock, loss, size, hash, length."""
 MAX_TEXT_PAYLOAD = 64 * 1024
@@ -68,6 +72,13 @@ class MessageType(enum.IntEnum):
     SHM_PARAMS = 8
     """Server's snapshot is in shared memory: clock and loss in the header, where to read it
     (:data:`SHM_ANSWER`) as payload. Only sent to a PULL flagged :data:`FLAG_SHM`."""
+    UNSUPPORTED_VERSION = 9
+    """Server refuses a request of another protocol version. Sent in the server's version, so a
+    peer of another release reports both versions. No payload."""
+
+
+class VersionError(ProtocolError):
+    """The peer speaks another protocol version (another dpwa release)."""
 
 
 _EMPTY = frozenset(
@@ -77,6 +88,7 @@ _EMPTY = frozenset(
         MessageType.AUTH_REQUIRED,
         MessageType.NO_AUTH,
         MessageType.TLS_REQUIRED,
+        MessageType.UNSUPPORTED_VERSION,
     }
 )
 
@@ -173,6 +185,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         The decoded :class:`Header`.
 
     Raises:
+        VersionError: the version is not :data:`VERSION`.
         ProtocolError: naming the first field that is wrong.
     """
     if len(data) != HEADER.size:
@@ -183,7 +196,10 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}: not a dpwa peer")
     if version != VERSION:
-        raise ProtocolError(f"protocol version {version}, this node speaks {VERSION}")
+        raise VersionError(
+            f"the peer speaks protocol version {version}, this node speaks {VERSION}: run the "
+            "same dpwa release on every node"
+        )
     try:
         message_type = MessageType(kind)
     except ValueError:

@@ -26,16 +26,26 @@ SECRET = b"correct horse battery staple"
 
 
 def run_pair(
-    client_secret: bytes, server_secret: bytes
+    client_secret: bytes,
+    server_secret: bytes,
+    *,
+    client: str = "w1",
+    dialled: str = "w2",
+    server: str = "w2",
+    members: tuple[str, ...] = ("w1", "w2"),
 ) -> tuple[BaseException | None, BaseException | None]:
     """Run both handshake sides over a socket pair; returns (client error, server error)."""
     a, b = socket.socketpair()
     errors: dict[str, BaseException | None] = {"server": None}
+    sessions: list[auth.Session] = []
 
     def serve() -> None:
         try:
             magic = b.recv(4, socket.MSG_WAITALL)
-            server_handshake(b, server_secret, time.monotonic() + 5, magic)
+            deadline = time.monotonic() + 5
+            sessions.append(
+                server_handshake(b, server_secret, deadline, magic, name=server, members=members)
+            )
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             errors["server"] = exc
         finally:
@@ -45,12 +55,18 @@ def run_pair(
     thread.start()
     client_error: BaseException | None = None
     try:
-        client_handshake(a, client_secret, time.monotonic() + 5)
+        deadline = time.monotonic() + 5
+        sessions.append(client_handshake(a, client_secret, deadline, name=client, peer=dialled))
     except BaseException as exc:  # noqa: BLE001
         client_error = exc
     finally:
         thread.join(10)
         a.close()
+    if len(sessions) == 2:  # both sides agree on who is who and on the keys
+        theirs, ours = sessions
+        assert (theirs.peer, ours.peer) == (client, dialled)
+        ours.receive.check(theirs.send.tag(b"answer"), b"answer")
+        theirs.receive.check(ours.send.tag(b"pull"), b"pull")
     return client_error, errors["server"]
 
 
@@ -61,17 +77,39 @@ def test_same_secret_passes_both_ways() -> None:
 def test_different_secrets_fail_on_both_sides_with_a_reason() -> None:
     client_error, server_error = run_pair(SECRET, b"another secret")
     assert isinstance(client_error, AuthError)
-    assert "does not know the shared secret" in str(client_error)
+    assert "could not prove it is w2" in str(client_error)
     assert isinstance(server_error, AuthError)
     assert "refused our proof" in str(server_error)
 
 
-def test_macs_bind_direction_and_both_nonces() -> None:
+def test_the_handshake_binds_both_names() -> None:
+    # Dialled w3 but reached w2 (a relay to a third node): the server refuses the name.
+    client_error, server_error = run_pair(SECRET, SECRET, dialled="w3", members=())
+    assert isinstance(server_error, AuthError) and "not this node (w2)" in str(server_error)
+    assert isinstance(client_error, AuthError) and "is not w3" in str(client_error)
+    # A client claiming the server's own name (its own HELLO reflected back) is refused.
+    client_error, server_error = run_pair(SECRET, SECRET, client="w2")
+    assert isinstance(server_error, AuthError) and "own name" in str(server_error)
+    assert isinstance(client_error, AuthError)
+    # A name that is not in the server's config is refused.
+    client_error, server_error = run_pair(SECRET, SECRET, client="intruder")
+    assert isinstance(server_error, AuthError) and "not in this node's config" in str(server_error)
+    assert isinstance(client_error, AuthError) and "refuses the name" in str(client_error)
+
+
+def test_macs_bind_names_direction_and_both_nonces() -> None:
     n1, n2 = b"\x01" * 32, b"\x02" * 32
-    assert auth.server_mac(SECRET, n1, n2) != auth.client_mac(SECRET, n2, n1)
-    assert auth.server_mac(SECRET, n1, n2) != auth.server_mac(SECRET, n2, n1)
-    assert auth.server_mac(SECRET, n1, n2) != auth.server_mac(b"x" + SECRET, n1, n2)
-    assert len(auth.server_mac(SECRET, n1, n2)) == auth.MAC_SIZE
+    w1, w2 = auth.check_name("w1"), auth.check_name("w2")
+    t = w1 + w2 + n1 + n2
+    assert auth._mac(SECRET, "server", t) != auth._mac(SECRET, "client", t)
+    assert auth._mac(SECRET, "server", t) != auth._mac(SECRET, "server", w2 + w1 + n1 + n2)
+    assert auth._mac(SECRET, "server", t) != auth._mac(SECRET, "server", w1 + w2 + n2 + n1)
+    assert auth._mac(SECRET, "server", t) != auth._mac(b"x" + SECRET, "server", t)
+    assert len(auth._mac(SECRET, "server", t)) == auth.MAC_SIZE
+
+
+def hello_from(name: str, dialled: str, nonce: bytes = b"\x07" * 32) -> bytes:
+    return auth.encode(Step.HELLO, nonce + auth.check_name(name) + auth.check_name(dialled))
 
 
 def manual_client(sock: socket.socket, hello: bytes, proof: bytes | None) -> tuple[bytes, bytes]:
@@ -79,10 +117,12 @@ def manual_client(sock: socket.socket, hello: bytes, proof: bytes | None) -> tup
     sock.sendall(hello)
     challenge = sock.recv(auth.PREFIX.size + 64, socket.MSG_WAITALL)
     nonce_s = challenge[auth.PREFIX.size : auth.PREFIX.size + 32]
+    body = hello[auth.PREFIX.size :]
+    transcript = body[32:] + body[:32] + nonce_s
     if proof is None:
-        proof = auth.encode(Step.PROOF, auth.client_mac(SECRET, nonce_s, hello[auth.PREFIX.size :]))
+        proof = auth.encode(Step.PROOF, auth._mac(SECRET, "client", transcript))
     sock.sendall(proof)
-    return challenge, sock.recv(auth.PREFIX.size, socket.MSG_WAITALL)
+    return challenge, sock.recv(auth.PREFIX.size + auth.MAC_SIZE, socket.MSG_WAITALL)
 
 
 def closed_without_answer(sock: socket.socket, data: bytes) -> bool:
@@ -96,21 +136,22 @@ def closed_without_answer(sock: socket.socket, data: bytes) -> bool:
 
 def test_a_recorded_exchange_cannot_be_replayed(make_cluster: Cluster, monkeypatch: Any) -> None:
     monkeypatch.setenv("DPWA_TEST_SECRET", SECRET.decode())
-    config = make_cluster(1, auth={"secret_env": "DPWA_TEST_SECRET"})
+    config = make_cluster(2, auth={"secret_env": "DPWA_TEST_SECRET"})
     with Node(config, "w1", layout=Layout.flat(4)) as node:
         node.update_send(np.ones(4, np.float32), 1.0)
-        hello = auth.encode(Step.HELLO, b"\x07" * 32)
+        hello = hello_from("w2", "w1")
         with socket.create_connection(node.address, timeout=5) as first:
             challenge, result = manual_client(first, hello, None)
-            assert auth.decode_prefix(result, Step.RESULT) is Status.OK
+            assert auth.decode_prefix(result[:8], Step.RESULT) is Status.OK
+            body = hello[8:]
             recorded = auth.encode(
                 Step.PROOF,
-                auth.client_mac(SECRET, challenge[8:40], hello[8:]),
+                auth._mac(SECRET, "client", body[32:] + body[:32] + challenge[8:40]),
             )
         with socket.create_connection(node.address, timeout=5) as second:
             challenge2, result2 = manual_client(second, hello, recorded)
             assert challenge2[8:40] != challenge[8:40]  # a fresh server nonce
-            assert auth.decode_prefix(result2, Step.RESULT) is Status.REFUSED
+            assert auth.decode_prefix(result2[:8], Step.RESULT) is Status.REFUSED
             assert closed_without_answer(second, encode_header(MessageType.PULL, size=4))
         assert node.stats()["rejected"] >= 1
 
@@ -153,7 +194,7 @@ def test_different_secrets_never_exchange_parameters(
         assert a.stats()["pulls_served"] == b.stats()["pulls_served"] == 0
         assert a.stats()["bytes_in"] == b.stats()["bytes_in"] == 0
         assert b.stats()["scores"]["w1"] < 0.1
-    assert "does not know the shared secret" in caplog.text
+    assert "could not prove it is" in caplog.text
     assert "refused our proof" in caplog.text
     # Once per peer and reason, not once per attempt.
     assert caplog.text.count("does not know the shared secret (its proof is wrong)") <= 2

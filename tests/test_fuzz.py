@@ -100,7 +100,7 @@ def test_handshake_server_fed_random_bytes_fails_cleanly(data: bytes) -> None:
 
 
 def server_handshake_short(sock: socket.socket, magic: bytes) -> None:
-    auth.server_handshake(sock, b"secret", time.monotonic() + 2, magic)
+    auth.server_handshake(sock, b"secret", time.monotonic() + 2, magic, name="w1")
 
 
 def valid_pull() -> bytes:
@@ -342,24 +342,27 @@ def test_at_the_cap_an_unfinished_opening_goes_before_an_idle_peer() -> None:
         server.close()
 
 
-def test_at_the_cap_with_every_connection_mid_request_a_newcomer_is_refused(
+def test_at_the_cap_a_stalled_request_goes_before_an_idle_peer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="dpwa")
     server, _ = small_server(max_connections=2)
     try:
-        busy = [socket.create_connection(server.address, timeout=5) for _ in range(2)]
-        for s in busy:
-            assert pulled(s)
-            s.sendall(valid_pull()[:10])  # a request started and not finished
-        # Wait until the server has read into both partial requests (neither is idle).
-        wait_until(lambda: all(c.idle_since is None for c in server._conns))
-        refused = socket.create_connection(server.address, timeout=5)
+        valid = socket.create_connection(server.address, timeout=5)
+        assert pulled(valid)  # opened, now idle between pulls
+        staller = socket.create_connection(server.address, timeout=5)
+        assert pulled(staller)
+        staller.sendall(valid_pull()[:10])  # a request started and never finished
+        wait_until(lambda: sum(c.state == 1 for c in server._conns) == 1)  # _STARTED
+        newcomer = socket.create_connection(server.address, timeout=5)
+        assert pulled(newcomer)
+        staller.settimeout(5)
         with contextlib.suppress(ConnectionResetError):
-            assert refused.recv(1) == b""
-        assert server.rejected >= 1 and server.evicted == 0
-        assert "all 2 connections are busy" in caplog.text
-        for s in [*busy, refused]:
+            assert staller.recv(1) == b""  # the stalled connection was closed to make room
+        assert pulled(valid)  # the idle valid peer was kept
+        assert server.evicted == 1 and server.rejected == 0
+        assert "closed a stalled connection" in caplog.text
+        for s in (valid, staller, newcomer):
             s.close()
     finally:
         server.close()

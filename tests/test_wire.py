@@ -28,7 +28,7 @@ from dpwa_core.wire import (
 
 FIELDS = dict(
     magic=b"DPWA",
-    version=1,
+    version=2,
     type=2,
     flags=0,
     dtype=1,
@@ -51,7 +51,7 @@ def test_header_is_52_bytes_little_endian() -> None:
     data = encode_header(MessageType.PARAMS, clock=3.0, loss=0.5, size=2, shape_hash=7, length=8)
     assert len(data) == 52
     assert data[:4] == b"DPWA"
-    assert data[4] == 1 and data[5] == 2
+    assert data[4] == 2 and data[5] == 2
     assert struct.unpack_from("<d", data, 12)[0] == 3.0
     assert struct.unpack_from("<Q", data, 44)[0] == 8
 
@@ -75,9 +75,9 @@ def test_round_trip() -> None:
     ("overrides", "message"),
     [
         (dict(magic=b"HTTP"), "bad magic"),
-        (dict(version=2), "protocol version 2"),
+        (dict(version=1), "protocol version 1"),
         (dict(type=0), "unknown message type 0"),
-        (dict(type=9), "unknown message type 9"),
+        (dict(type=10), "unknown message type 10"),
         (dict(flags=1), "unknown flags"),
         (dict(flags=2, type=1, length=0), "unknown flags 0x0002"),
         (dict(dtype=4), "unknown payload dtype"),

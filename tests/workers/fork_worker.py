@@ -21,7 +21,7 @@ from dpwa_core.node import Node
 def kept_port(node: Node) -> int:
     """Local port of ``node``'s kept-alive connection to w1 (changes when it reconnects)."""
     assert node._puller is not None
-    return int(node._puller._conns["w1"][0].getsockname()[1])
+    return int(node._puller._conns["w1"].sock.getsockname()[1])
 
 
 def main(config: str) -> None:
