@@ -22,6 +22,7 @@ from typing import Any
 
 from dpwa_core import config_template, launch
 from dpwa_core.config import NODE_ENV, Config, load_config
+from dpwa_core.config import _shown as shown
 from dpwa_core.errors import DpwaError
 from dpwa_core.launchers import ARGUMENT_SOURCE, NodeChoice, node_from_environment
 from dpwa_core.registry import strategies, strategy_info
@@ -131,7 +132,8 @@ def _add_check(subparsers: _Subparsers) -> None:
 def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     section = config.methods.get(config.interpolation, {})
-    options = ", ".join(f"{key}={value!r}" for key, value in section.items()) or "no options"
+    # Bounded: an option's value is shown cut to about 80 characters.
+    options = ", ".join(f"{key}={shown(value)}" for key, value in section.items()) or "no options"
     threshold = config.divergence_threshold
     rows = [
         ("nodes", ", ".join(f"{n.name} {n.host}:{n.port}" for n in config.nodes)),

@@ -26,6 +26,8 @@ import dataclasses
 import difflib
 import math
 import os
+import re
+import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -35,15 +37,30 @@ import yaml
 
 from dpwa_core import registry
 from dpwa_core._log import get_logger
-from dpwa_core.secret import AuthSettings, file_is_private, load_secret
 from dpwa_core.errors import ConfigError, PluginError
 from dpwa_core.hookspec import Strategy
 from dpwa_core.launchers import ARGUMENT_SOURCE, NODE_ENV, NodeChoice, node_from_environment
 from dpwa_core.launchers import ways_to_choose as _ways_to_choose
 from dpwa_core.robust import RobustSettings
+from dpwa_core.secret import (
+    AuthSettings,
+    file_is_private,
+    hidden,
+    is_env_name,
+    load_secret,
+    looks_random,
+)
 from dpwa_core.tls import TlsSettings, server_context
 
-__all__ = ["NODE_ENV", "TRANSPORTS", "WIRE_DTYPES", "Config", "NodeSpec", "load_config"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "NODE_ENV",
+    "TRANSPORTS",
+    "WIRE_DTYPES",
+    "Config",
+    "NodeSpec",
+    "load_config",
+]
 
 _SETTINGS = (
     "pull_probability",
@@ -59,13 +76,19 @@ TRANSPORTS = ("auto", "tcp", "shm")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 """Values of ``wire_dtype``: the element type this node sends parameters as over TCP."""
 _TOP_LEVEL = ("nodes", *_SETTINGS, "auth", "tls", "robust")
-_AUTH_KEYS = ("secret_env", "secret_file")
+_AUTH_KEYS = ("secret_env", "secret_file", "allow_readable_secret_file")
 _TLS_KEYS = ("cert", "key", "ca", "check_hostname")
 _ROBUST_KEYS = ("clip", "clip_scale", "clip_window", "max_clock_lead")
 _log = get_logger("config")
 _ALIASES = {"fetch_probability": "pull_probability"}  # the seed's names for today's keys
 _NODE_KEYS = ("name", "host", "port")
 _NODE_EXAMPLE = "{name: w1, host: localhost, port: 45000}"
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file larger than this (1 MiB) is refused: a real one is a few kilobytes."""
+_MAX_DEPTH = 32  # nesting levels a config may use; a real one uses 4
+_SHOWN_CHARS = 80  # the most of a value an error message shows
+_KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_AUTH_KEY_NAME = re.compile(r"[a-z][a-z_]{0,31}")  # the style of auth's own keys
 
 
 @dataclass(frozen=True)
@@ -138,24 +161,24 @@ class Config:
         set_(self, "methods", self._checked_methods())
         if not isinstance(self.reject_nonfinite, bool):
             raise self._error(
-                "reject_nonfinite", f"must be true or false, got {self.reject_nonfinite!r}"
+                "reject_nonfinite", f"must be true or false, got {_shown(self.reject_nonfinite)}"
             )
         for key, allowed in (("transport", TRANSPORTS), ("wire_dtype", WIRE_DTYPES)):
             value = getattr(self, key)
             if value not in allowed:
-                raise self._error(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+                raise self._error(key, f"must be one of {', '.join(allowed)}; got {_shown(value)}")
         if self.auth is not None and not isinstance(self.auth, AuthSettings):
-            raise self._error("auth", f"must be an AuthSettings, got {self.auth!r}")
+            raise self._error("auth", f"must be an AuthSettings, got {hidden(self.auth)}")
         if not isinstance(self.robust, RobustSettings):
             raise self._error("robust", f"must be a RobustSettings, got {self.robust!r}")
         if self.tls is not None:
             if not isinstance(self.tls, TlsSettings):
-                raise self._error("tls", f"must be a TlsSettings, got {self.tls!r}")
+                raise self._error("tls", f"must be a TlsSettings, got {_shown(self.tls)}")
             server_context(self.tls, self.source)  # load the files now, not at the first pull
         if not isinstance(self.interpolation, str):
             raise self._error(
                 "interpolation",
-                f"must be a strategy name such as 'constant', got {self.interpolation!r}",
+                f"must be a strategy name such as 'constant', got {_shown(self.interpolation)}",
             )
         # Build every strategy once now, so bad options fail at load and not at the first pull.
         for name in self.methods:
@@ -184,7 +207,7 @@ class Config:
             if spec.name == name:
                 return spec
         raise ConfigError(
-            f"{self.source}: there is no node named {name!r}. "
+            f"{self.source}: there is no node named {_shown(name)}. "
             f"Known nodes: {self._names()}. Use one of them, or add the node to 'nodes'."
         )
 
@@ -332,7 +355,7 @@ class Config:
         # bool is an int to Python, but `timeout_ms: true` is a mistake, not 1 ms.
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (is_number and math.isfinite(value) and in_range(value)):
-            raise self._error(key, f"must be {rule}; got {value!r}")
+            raise self._error(key, f"must be {rule}; got {_shown(value)}")
         return float(value)
 
     def _checked_nodes(self) -> tuple[NodeSpec, ...]:
@@ -344,20 +367,22 @@ class Config:
         for index, spec in enumerate(nodes):
             where = f"nodes[{index}]"
             if not isinstance(spec, NodeSpec):
-                raise self._error(where, f"must be a NodeSpec, got {spec!r}")
+                raise self._error(where, f"must be a NodeSpec, got {_shown(spec)}")
             for attr in ("name", "host"):
                 value = getattr(spec, attr)
                 if not isinstance(value, str) or not value.strip():
                     raise self._error(
-                        f"{where}.{attr}", f"must be a non-empty string, got {value!r}"
+                        f"{where}.{attr}", f"must be a non-empty string, got {_shown(value)}"
                     )
             port = spec.port
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise self._error(f"{where}.port", f"must be an integer 1..65535, got {port!r}")
+                raise self._error(
+                    f"{where}.port", f"must be an integer 1..65535, got {_shown(port)}"
+                )
             if spec.name in seen_names:
                 raise self._error(
                     f"{where}.name",
-                    f"repeats the name {spec.name!r} of nodes[{seen_names[spec.name]}]; "
+                    f"repeats the name {_shown(spec.name)} of nodes[{seen_names[spec.name]}]; "
                     "give every node its own name",
                 )
             address = (spec.host.lower(), port)
@@ -373,14 +398,18 @@ class Config:
 
     def _checked_methods(self) -> Mapping[str, Mapping[str, Any]]:
         if not isinstance(self.methods, Mapping):
-            raise self._error("methods", f"must map strategy names to options: {self.methods!r}")
+            raise self._error(
+                "methods", f"must map strategy names to options: {_shown(self.methods)}"
+            )
         frozen: dict[str, Mapping[str, Any]] = {}
         for name, section in self.methods.items():
             if not isinstance(name, str):
-                raise self._error(str(name), "is not a strategy name")
+                raise self._error(_shown(name), "is not a strategy name")
             self._lookup(name, name)
             if not isinstance(section, Mapping) or not all(isinstance(k, str) for k in section):
-                raise self._error(name, f"must be a mapping of option names to values: {section!r}")
+                raise self._error(
+                    name, f"must be a mapping of option names to values: {_shown(section)}"
+                )
             frozen[name] = MappingProxyType(dict(section))
         return MappingProxyType(frozen)
 
@@ -437,23 +466,81 @@ def load_config(
 
 def _read_yaml(source: str) -> Any:
     try:
-        with open(source, encoding="utf-8") as file:
-            text = file.read()
+        with open(source, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)  # bounded: /dev/zero is not a config
     except FileNotFoundError:
         raise ConfigError(
             f"Config file {source!r} not found (working directory: {os.getcwd()}). Check the path."
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"Cannot read config file {source!r}: {exc}.") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"Config file {source!r} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a dpwa config "
+            "is a few kilobytes. Check the path."
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"Cannot read config file {source!r}: {exc}.") from exc
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: plain data only
+    except _Refused as exc:
+        raise ConfigError(f"{source}: line {exc.line}, column {exc.column}: {exc}") from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source} is not valid YAML{where}: {problem}. Fix the syntax.") from exc
+        # Only the parser's own words: str(exc) quotes the offending line, which may hold a secret.
+        problem = _cut(str(getattr(exc, "problem", None) or "it cannot be parsed"))
+        raise ConfigError(
+            f"{source} is not valid YAML{where}: {problem}. Fix the syntax."
+        ) from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of 5000 digits
+        raise ConfigError(
+            f"{source}: a value cannot be read: {_cut(str(exc))}. Fix that value."
+        ) from None
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML feature a config may not use, found while composing; says where."""
+
+    def __init__(self, message: str, mark: Any) -> None:
+        super().__init__(message)
+        self.line = mark.line + 1 if mark is not None else "?"
+        self.column = mark.column + 1 if mark is not None else "?"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases, and with bounded nesting.
+
+    An alias makes a few hundred bytes stand for 10**9 values ("billion laughs"), which any
+    later walk over the value (an error message's repr, for one) would expand. No config needs
+    one, so the first anchor or alias is refused, before anything is built.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(
+                "configs may not use YAML aliases or anchors (*name, &name, <<: *name); "
+                "write the value out in full.",
+                event.start_mark,
+            )
+        if self._depth >= _MAX_DEPTH:
+            raise _Refused(
+                f"values are nested more than {_MAX_DEPTH} levels deep; a dpwa config needs a "
+                "few. Flatten the value.",
+                event.start_mark,
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _from_document(document: Any, source: str, nodes: Iterable[NodeSpec] | None = None) -> Config:
@@ -463,7 +550,7 @@ def _from_document(document: Any, source: str, nodes: Iterable[NodeSpec] | None 
     elif isinstance(document, Mapping):
         raw = dict(document)
     else:
-        got = "nothing" if document is None else f"{type(document).__name__} {document!r}"
+        got = "nothing" if document is None else f"{type(document).__name__} {_shown(document)}"
         raise ConfigError(
             f"{source}: the top level must be a mapping of keys ({', '.join(_TOP_LEVEL)}, ...) "
             f"or the original list of one-key mappings; got {got}."
@@ -509,42 +596,79 @@ def _from_document(document: Any, source: str, nodes: Iterable[NodeSpec] | None 
     )
 
 
-def _keys_of(value: Any, key: str, allowed: tuple[str, ...], example: str, source: str) -> None:
+def _keys_of(
+    value: Any,
+    key: str,
+    allowed: tuple[str, ...],
+    example: str,
+    source: str,
+    *,
+    secret: bool = False,
+) -> None:
+    """Check that ``value`` is a mapping with only ``allowed`` keys.
+
+    With ``secret`` (the ``auth`` section), the message shows no value and only keys that
+    look like config keys: a secret pasted into the section must not be echoed.
+    """
     if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"{source}: key {key!r} must be a mapping such as {example}; got {value!r}."
-        )
+        got = hidden(value) if secret else _shown(value)
+        raise ConfigError(f"{source}: key {key!r} must be a mapping such as {example}; got {got}.")
     extra = [k for k in value if k not in allowed]
     if extra:
+        shown = _shown_auth_key if secret else _shown_key
         raise ConfigError(
-            f"{source}: key {key!r} has unknown {', '.join(map(repr, extra))}; its keys are "
-            f"{', '.join(allowed)}, e.g. {example}."
+            f"{source}: key {key!r} has unknown {', '.join(map(shown, extra[:5]))}"
+            f"{' and more' if extra[5:] else ''}; its keys are {', '.join(allowed)}, e.g. "
+            f"{example}."
         )
 
 
-def _path(value: Any, key: str, source: str, base: str) -> str:
+def _path(value: Any, key: str, source: str, base: str, *, secret: bool = False) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{source}: key {key!r} must be a file path, got {value!r}.")
+        got = hidden(value) if secret else _shown(value)
+        raise ConfigError(f"{source}: key {key!r} must be a file path, got {got}.")
     return os.path.join(base, os.path.expanduser(value))  # relative to the config file
 
 
 def _auth(value: Any, source: str, base: str) -> AuthSettings | None:
-    """The ``auth`` section: where the shared secret is; the secret is read now."""
+    """The ``auth`` section: where the shared secret is; the secret is read now.
+
+    No message shows a value of this section, only its keys and shapes: whatever was written
+    here may be the secret, in the wrong place.
+    """
     if value is None:
         return None
     example = "{secret_env: DPWA_SECRET} or {secret_file: secret.txt}"
-    _keys_of(value, "auth", _AUTH_KEYS, example, source)
+    _keys_of(value, "auth", _AUTH_KEYS, example, source, secret=True)
     env = value.get("secret_env")
-    if env is not None and (not isinstance(env, str) or not env.strip()):
+    if env is not None and not is_env_name(env):
         raise ConfigError(
-            f"{source}: key 'auth.secret_env' must name an environment variable, got {env!r}."
+            f"{source}: key 'auth.secret_env' must name an environment variable (letters, "
+            f"digits and _, e.g. DPWA_SECRET), got {hidden(env)}. It is not shown: it may be "
+            "the secret itself, which belongs in that variable (or in secret_file), never in "
+            "the config."
         )
     path = None
     if "secret_file" in value:
-        path = _path(value["secret_file"], "auth.secret_file", source, base)
-    secret = load_secret(env=env, path=path, where=source)
+        path = _path(value["secret_file"], "auth.secret_file", source, base, secret=True)
+    allow = value.get("allow_readable_secret_file", False)
+    if not isinstance(allow, bool):
+        raise ConfigError(
+            f"{source}: key 'auth.allow_readable_secret_file' must be true or false, "
+            f"got {hidden(allow)}."
+        )
+    if "allow_readable_secret_file" in value and "secret_file" not in value:
+        raise ConfigError(
+            f"{source}: key 'auth.allow_readable_secret_file' only applies with secret_file; "
+            "remove it."
+        )
+    secret = load_secret(env=env, path=path, where=source, allow_readable_file=allow)
     if path is not None and not file_is_private(path):
-        _log.warning("%s: secret file %s may be read by other users; chmod 600 it", source, path)
+        _log.warning(
+            "%s: secret file %s may be read by other users (allow_readable_secret_file is set)",
+            source,
+            path,
+        )
     where = f"environment variable {env}" if env is not None else f"file {path}"
     return AuthSettings(where, secret)
 
@@ -564,7 +688,7 @@ def _tls(value: Any, source: str, base: str) -> TlsSettings | None:
     check = value.get("check_hostname", False)
     if not isinstance(check, bool):
         raise ConfigError(
-            f"{source}: key 'tls.check_hostname' must be true or false, got {check!r}."
+            f"{source}: key 'tls.check_hostname' must be true or false, got {_shown(check)}."
         )
     cert, key, ca = (_path(value[k], f"tls.{k}", source, base) for k in ("cert", "key", "ca"))
     return TlsSettings(cert, key, ca, check)
@@ -605,12 +729,12 @@ def _merge_list_layout(document: list[Any], source: str) -> dict[Any, Any]:
     for number, item in enumerate(document, start=1):
         if not isinstance(item, Mapping):
             raise ConfigError(
-                f"{source}: item {number} of the top-level list is {item!r}; in the list layout "
-                "every item is a one-key mapping such as '- timeout_ms: 2500'."
+                f"{source}: item {number} of the top-level list is {_shown(item)}; in the list "
+                "layout every item is a one-key mapping such as '- timeout_ms: 2500'."
             )
         for key, value in item.items():
             if key in merged:
-                raise ConfigError(f"{source}: key {key!r} is given twice. Keep one.")
+                raise ConfigError(f"{source}: key {_shown_key(key)} is given twice. Keep one.")
             merged[key] = value
     return merged
 
@@ -622,13 +746,16 @@ def _reject_unknown_keys(raw: Mapping[Any, Any], installed: Iterable[str], sourc
     if not unknown:
         return
     hints = ""
-    for key in unknown:
-        close = difflib.get_close_matches(str(key), valid, n=1)
+    for key in unknown[:5]:
+        # Only keys shown in full get a hint; difflib's work is bounded by the key's length.
+        if not (isinstance(key, str) and _shown_key(key) == repr(key)):
+            continue
+        close = difflib.get_close_matches(key, valid, n=1)
         if close:
             hints += f" Did you mean {close[0]!r}" + (f" for {key!r}?" if unknown[1:] else "?")
+    listed = ", ".join(_shown_key(k) for k in unknown[:5]) + (" and more" if unknown[5:] else "")
     raise ConfigError(
-        f"{source}: unknown key{'s' if len(unknown) > 1 else ''} "
-        f"{', '.join(repr(k) for k in unknown)}.{hints} Valid keys: "
+        f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {listed}.{hints} Valid keys: "
         f"{', '.join(_TOP_LEVEL)}, and a section per installed interpolation: "
         f"{', '.join(names)}. A section for an interpolation that is not installed is an error "
         "too: install its plugin or remove the section."
@@ -642,7 +769,7 @@ def _section(value: Any, name: str, source: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(
             f"{source}: key {name!r} must be a mapping of options (e.g. "
-            f"constant: {{value: 0.5}}), or 0 for none; got {value!r}."
+            f"constant: {{value: 0.5}}), or 0 for none; got {_shown(value)}."
         )
     return value
 
@@ -651,20 +778,21 @@ def _nodes(value: Any, source: str) -> tuple[NodeSpec, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(
             f"{source}: key 'nodes' must be a non-empty list of nodes such as "
-            f"{_NODE_EXAMPLE}; got {value!r}."
+            f"{_NODE_EXAMPLE}; got {_shown(value)}."
         )
     nodes = []
     for index, entry in enumerate(value):
         where = f"nodes[{index}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(
-                f"{source}: key {where!r} must be a mapping such as {_NODE_EXAMPLE}; got {entry!r}."
+                f"{source}: key {where!r} must be a mapping such as {_NODE_EXAMPLE}; "
+                f"got {_shown(entry)}."
             )
         missing = [key for key in _NODE_KEYS if key not in entry]
         extra = [key for key in entry if key not in _NODE_KEYS]
         if missing or extra:
             problems = [f"misses {', '.join(map(repr, missing))}"] if missing else []
-            problems += [f"has unknown {', '.join(map(repr, extra))}"] if extra else []
+            problems += [f"has unknown {', '.join(map(_shown_key, extra))}"] if extra else []
             raise ConfigError(
                 f"{source}: key {where!r} {' and '.join(problems)}; a node has exactly "
                 f"name, host and port, e.g. {_NODE_EXAMPLE}."
@@ -676,3 +804,59 @@ def _nodes(value: Any, source: str) -> tuple[NodeSpec, ...]:
 def _restore(values: dict[str, Any]) -> Config:
     """Rebuild a pickled :class:`Config` (see ``Config.__reduce__``)."""
     return Config(**values)
+
+
+# What error messages show of values: a bounded amount, built with bounded work.
+
+
+class _ShortRepr(reprlib.Repr):
+    """``reprlib`` with small limits: at most a few items per level, three levels deep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxtuple = self.maxlist = self.maxarray = self.maxdict = 6
+        self.maxset = self.maxfrozenset = self.maxdeque = 6
+        self.maxstring = self.maxother = self.maxlong = _SHOWN_CHARS
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 4 * _SHOWN_CHARS:  # its decimal repr costs time and may fail
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+def _cut(text: str, limit: int = _SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut to about 80 characters, without building the whole repr first."""
+    try:
+        return _cut(_SHORT_REPR.repr(value))
+    except Exception:  # a caller's object whose repr fails: say what it is, nothing more
+        return f"<{type(value).__name__} object>"
+
+
+def _shown_key(key: Any) -> str:
+    """A key as an error shows it: in full if it looks like a key, else cut or hidden.
+
+    A key that looks like a generated token, or holds spaces, may be a secret pasted in the
+    wrong place: only its length is shown.
+    """
+    if not isinstance(key, str):
+        return _shown(key)
+    if not _KEY_NAME.fullmatch(key) or looks_random(key):
+        return f"<hidden key, {len(key)} characters>"
+    if len(key) > 40:
+        return f"{key[:16]!r}... ({len(key)} characters)"
+    return repr(key)
+
+
+def _shown_auth_key(key: Any) -> str:
+    """A key of the ``auth`` section: shown only if it looks like one of its own keys."""
+    if isinstance(key, str) and _AUTH_KEY_NAME.fullmatch(key):
+        return repr(key)
+    return f"<hidden key, {len(key)} characters>" if isinstance(key, str) else hidden(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -321,12 +322,17 @@ def test_bad_security_keys(key: str, value: Any, expected: str) -> None:
         load_config({**NEW_STYLE, key: value})
 
 
-def test_a_world_readable_secret_file_is_warned_about(
+def test_a_world_readable_secret_file_is_refused_unless_allowed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("abc\n")
     secret.chmod(0o644)
-    load_config({**NEW_STYLE, "auth": {"secret_file": str(secret)}})
+    with pytest.raises(ConfigError, match=re.escape(f"chmod 600 {secret}")) as refused:
+        load_config({**NEW_STYLE, "auth": {"secret_file": str(secret)}})
+    assert "abc" not in str(refused.value)
+    allowed = {"secret_file": str(secret), "allow_readable_secret_file": True}
+    config = load_config({**NEW_STYLE, "auth": allowed})
+    assert config.auth is not None and config.auth.secret == b"abc"
     assert "may be read by other users" in caplog.text
     assert "abc" not in caplog.text
