@@ -87,6 +87,7 @@ MAX_CONFIG_BYTES = 1024 * 1024
 """A config file larger than this (1 MiB) is refused: a real one is a few kilobytes."""
 _MAX_DEPTH = 32  # nesting levels a config may use; a real one uses 4
 _SHOWN_CHARS = 80  # the most of a value an error message shows
+_MAX_NAME = 100  # a strategy name longer than this is a mistake; refused before any lookup
 _KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _AUTH_KEY_NAME = re.compile(r"[a-z][a-z_]{0,31}")  # the style of auth's own keys
 
@@ -175,7 +176,7 @@ class Config:
             if not isinstance(self.tls, TlsSettings):
                 raise self._error("tls", f"must be a TlsSettings, got {_shown(self.tls)}")
             server_context(self.tls, self.source)  # load the files now, not at the first pull
-        if not isinstance(self.interpolation, str):
+        if not isinstance(self.interpolation, str) or len(self.interpolation) > _MAX_NAME:
             raise self._error(
                 "interpolation",
                 f"must be a strategy name such as 'constant', got {_shown(self.interpolation)}",
@@ -354,6 +355,9 @@ class Config:
         }[key]
         # bool is an int to Python, but `timeout_ms: true` is a mistake, not 1 ms.
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        # An int too large for a float (10**400 is valid YAML) is out of every range.
+        if is_number and isinstance(value, int) and abs(value) > 2**64:
+            is_number = False
         if not (is_number and math.isfinite(value) and in_range(value)):
             raise self._error(key, f"must be {rule}; got {_shown(value)}")
         return float(value)
@@ -389,7 +393,7 @@ class Config:
             if address in seen_addresses:
                 raise self._error(
                     f"{where}.port",
-                    f"repeats the address {spec.host}:{port} of "
+                    f"repeats the address {_cut(spec.host)}:{port} of "
                     f"nodes[{seen_addresses[address]}]; give every node its own host:port",
                 )
             seen_names[spec.name] = index
@@ -423,7 +427,10 @@ class Config:
         try:
             return registry.make_strategy(name, self.methods.get(name, {}))
         except ConfigError as exc:
-            raise self._error(name, f"has invalid options: {exc} Fix the {name!r} section") from exc
+            problem = _cut(str(exc), 4 * _SHOWN_CHARS)  # the plugin's words may quote values
+            raise self._error(
+                name, f"has invalid options: {problem} Fix the {name!r} section"
+            ) from exc
 
 
 def load_config(
@@ -567,6 +574,11 @@ def _from_document(document: Any, source: str, nodes: Iterable[NodeSpec] | None 
     installed = registry.strategies()
     # An uninstalled plugin is the likelier mistake than a stray section, so say so first.
     interpolation = raw.get("interpolation")
+    if isinstance(interpolation, str) and len(interpolation) > _MAX_NAME:
+        raise ConfigError(
+            f"{source}: key 'interpolation' must be a strategy name such as 'constant', got "
+            f"{_shown(interpolation)}; installed: {', '.join(sorted(installed))}."
+        )
     if isinstance(interpolation, str) and interpolation not in installed:
         try:
             registry.strategy_info(interpolation)
