@@ -11,7 +11,7 @@ offset  bytes  field
 8       16     token: random bytes, also sent over TCP to prove the segment is ours
 24      8      size: float32 elements per slot
 32      8      layout hash (the wire header's ``hash`` field)
-40      8      creator's process id
+40      8      creator's process id (for people reading ``ls /dev/shm``; nothing uses it)
 48      8      bytes per slot (``4 * size`` rounded up to 64)
 56      8      reserved, zero
 64      24     slot 0: sequence (u64), clock (f64), loss (f64)
@@ -24,32 +24,71 @@ Each slot is guarded by a sequence counter (a seqlock): the writer makes it odd 
 writes the slot and even after, so a reader that copies a slot and finds the same even counter
 before and after the copy holds a consistent snapshot. The writer never waits for a reader.
 
-Segments are removed when the node closes. If the node is killed, Python's resource tracker
-process removes them, and :func:`remove_stale` removes any whose creator is no longer alive.
+**The writer** maps its segment read-write. It creates the file itself (``O_CREAT | O_EXCL |
+O_NOFOLLOW``, mode 600), reserves its memory with ``posix_fallocate`` (a full ``/dev/shm`` is
+an :class:`OSError` at creation, not a SIGBUS later) and holds a shared ``flock`` on it for the
+segment's lifetime: that lock, not the process id, says the segment is alive.
+
+**A reader never maps a peer's segment.** A peer's answer names a file in ``/dev/shm``, where
+every user can create files, so :meth:`SharedSegment.attach` opens only a name of the exact
+form above, refuses anything that is not a regular file (checked with ``lstat`` before the open
+and ``fstat`` after it), opens it with ``O_NOFOLLOW | O_NONBLOCK`` (a symbolic link is refused,
+a FIFO cannot block the open), and refuses a file that is not owned by our user, that other
+users may write, or whose size is not exactly the one our layout implies. It then reads the
+header and the slots from the descriptor with ``pread``. A segment that shrinks under a reader
+therefore gives a short read, which :meth:`SharedSegment.read` reports as a torn copy (None),
+never a SIGBUS; one removed under a reader stays readable through the open descriptor (the
+sequence check still guards each copy); one replaced under the same name is not seen (the
+descriptor holds the old file). Reading costs a kernel copy instead of a user-space one:
+slower than ``memcpy`` from a mapping, still well ahead of TCP (``benchmarks/pull_throughput.py``).
+
+**Deadlines.** :meth:`SharedSegment.attach` and :meth:`SharedSegment.read` take an optional
+``deadline`` (a :func:`time.monotonic` value): attach raises :class:`TimeoutError` (an
+:class:`OSError`) once it has passed; read checks it before each chunk of
+:data:`CHUNK_BYTES` and returns None when it has passed. Nothing here blocks otherwise.
+
+**Cleanup.** Segments are removed when the node closes. If the node is killed, Python's
+resource tracker process removes them, and :func:`remove_stale` removes the ones nobody holds
+locked any more: it locks each of our user's regular segment files with ``LOCK_EX | LOCK_NB``
+and removes only those it could lock. So a live segment of a process in another PID namespace
+sharing ``/dev/shm`` (containers sharing IPC), whose pid means nothing here, is kept. The lock
+belongs to the open file description: a child forked by the creator (without ``exec``) inherits
+it, and the segment counts as alive until the creator and all such children are gone (the
+children still map it too). A forked child's :meth:`SharedSegment.close` never removes the
+segment; only the creating process does. The descriptor is close-on-exec, so programs the node
+starts do not hold it. A file of another user, a symbolic link or anything but a regular file is
+never touched. An empty file is given a minute's grace (its creator may be about to lock it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import mmap
 import os
 import re
 import secrets
+import stat
 import struct
 import sys
+import threading
+import time
 from collections.abc import Callable
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker
 
 import numpy as np
 
 from dpwa_core._log import get_logger
 
-__all__ = ["SHM_DIR", "SharedSegment", "available", "remove_stale", "valid_name"]
+__all__ = ["CHUNK_BYTES", "SHM_DIR", "SharedSegment", "available", "remove_stale", "valid_name"]
 
 _log = get_logger("shm")
 
 SHM_DIR = "/dev/shm"
 """Where POSIX shared memory appears as files (Linux)."""
+CHUNK_BYTES = 1 << 20
+"""Bytes a reader copies per ``pread``; the deadline is checked and ``check`` called per chunk."""
 _MAGIC = b"DPWASHM1"
 _HEAD = struct.Struct("<8s16sQQQQQ")  # magic, token, size, hash, pid, slot_bytes, reserved
 _META = struct.Struct("<Qdd")  # sequence, clock, loss
@@ -57,6 +96,8 @@ _META_OFFSET = 64
 _DATA_OFFSET = 128
 _ALIGN = 64
 _NAME = re.compile(r"dpwa-(\d{1,10})-[0-9a-f]{16}")
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE_GRACE_S = 60.0  # remove_stale leaves an empty, unlocked file this young alone
 TOKEN_BYTES = 16
 
 
@@ -78,10 +119,65 @@ def _total_bytes(size: int) -> int:
     return _DATA_OFFSET + 2 * max(_slot_bytes(size), _ALIGN)
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _open_checked(name: str, total: int) -> int:
+    """Open segment ``name`` read-only; raise ValueError unless it is a plausible segment.
+
+    Plausible: a regular file (not a link, FIFO, device...), owned by our user, not writable by
+    other users, of exactly ``total`` bytes.
+    """
+    path = os.path.join(SHM_DIR, name)
+    mode = os.lstat(path).st_mode  # FileNotFoundError: not on this host
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"segment {name} refused: {_kind(mode)}")
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # swapped for a link since the lstat
+            raise ValueError(f"segment {name} refused: a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        uid = os.geteuid()
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"segment {name} refused: {_kind(info.st_mode)}")
+        if info.st_uid != uid:
+            raise ValueError(f"segment {name} refused: owned by uid {info.st_uid}, not {uid}")
+        if info.st_mode & 0o022:
+            raise ValueError(
+                f"segment {name} refused: other users may write it "
+                f"(mode {stat.S_IMODE(info.st_mode):o})"
+            )
+        if info.st_size != total:
+            raise ValueError(f"segment {name} has {info.st_size} bytes, our layout needs {total}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _passed(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
 class SharedSegment:
     """One segment: two float32 slots with their sequence counters, clocks and losses.
 
-    Make one with :meth:`create` (the writer) or :meth:`attach` (a reader).
+    Make one with :meth:`create` (the writer, which maps it) or :meth:`attach` (a reader,
+    which reads it with ``pread`` and never maps it).
     """
 
     def __init__(
@@ -90,8 +186,7 @@ class SharedSegment:
         token: bytes,
         size: int,
         shape_hash: int,
-        buffer: memoryview,
-        owner: shared_memory.SharedMemory | None,
+        fd: int,
         mapping: mmap.mmap | None,
     ) -> None:
         self.name = name
@@ -102,12 +197,21 @@ class SharedSegment:
         """Float32 elements per slot."""
         self.shape_hash = shape_hash
         """The layout hash the segment was made for."""
-        self._buffer = buffer
-        self._owner = owner
+        self._fd = fd
         self._mapping = mapping
-        slot_bytes = _slot_bytes(size)
+        self._creator = os.getpid() if mapping is not None else -1
+        self._lock = threading.Lock()  # a read and close() never overlap (the fd is not reused)
+        self._slot_bytes = _slot_bytes(size)
+        self._buffer = memoryview(b"") if mapping is None else memoryview(mapping)
+        if mapping is None:
+            self._slots: tuple[np.ndarray, ...] = ()
+            self._seq = np.empty(0, np.uint64)
+            self._meta = np.empty((0, 3), np.float64)
+            return
+        buffer = self._buffer
         self._slots = tuple(
-            np.frombuffer(buffer, np.float32, size, _DATA_OFFSET + i * slot_bytes) for i in (0, 1)
+            np.frombuffer(buffer, np.float32, size, _DATA_OFFSET + i * self._slot_bytes)
+            for i in (0, 1)
         )
         # One aligned 8-byte word per field: loads and stores of it are single instructions.
         self._seq = np.frombuffer(buffer, np.uint64, 2 * 3, _META_OFFSET)[::3]
@@ -116,6 +220,9 @@ class SharedSegment:
     @classmethod
     def create(cls, size: int, shape_hash: int) -> SharedSegment:
         """Create a new segment for ``size`` float32 elements per slot.
+
+        The returned writer holds a shared ``flock`` on the file until :meth:`close` (see the
+        module's docstring for what that means for forked children).
 
         Args:
             size: float32 elements per slot.
@@ -127,44 +234,66 @@ class SharedSegment:
         remove_stale()
         token = secrets.token_bytes(TOKEN_BYTES)
         name = f"dpwa-{os.getpid()}-{secrets.token_hex(8)}"
-        owner = shared_memory.SharedMemory(name=name, create=True, size=_total_bytes(size))
-        buffer = owner.buf
-        assert buffer is not None
+        path = os.path.join(SHM_DIR, name)
+        total = _total_bytes(size)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        try:
+            # Locked while still empty: remove_stale() leaves empty files alone for a while.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            os.posix_fallocate(fd, 0, total)
+            mapping = mmap.mmap(fd, total)  # MAP_SHARED, read-write; it holds a dup of fd
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
+            raise
+        resource_tracker.register(f"/{name}", "shared_memory")  # removes it if we are killed
         _HEAD.pack_into(
-            buffer, 0, _MAGIC, token, size, shape_hash, os.getpid(), _slot_bytes(size), 0
+            mapping, 0, _MAGIC, token, size, shape_hash, os.getpid(), _slot_bytes(size), 0
         )
-        buffer[_META_OFFSET:_DATA_OFFSET] = bytes(_DATA_OFFSET - _META_OFFSET)
-        return cls(name, token, size, shape_hash, buffer, owner, None)
+        return cls(name, token, size, shape_hash, fd, mapping)
 
     @classmethod
-    def attach(cls, name: str, token: bytes, size: int, shape_hash: int) -> SharedSegment:
-        """Map a peer's segment read-only after checking it is the one the peer announced.
+    def attach(
+        cls,
+        name: str,
+        token: bytes,
+        size: int,
+        shape_hash: int,
+        *,
+        deadline: float | None = None,
+    ) -> SharedSegment:
+        """Open a peer's segment for reading after checking it is the one the peer announced.
+
+        Nothing is mapped: :meth:`read` copies with ``pread``. The open never blocks.
 
         Args:
             name: the segment name the peer sent; anything but a dpwa segment name is refused.
             token: the token the peer sent; it must match the segment's header.
             size: float32 elements per slot of *our* layout.
             shape_hash: *our* layout hash.
+            deadline: a :func:`time.monotonic` value; refuse once it has passed.
 
         Raises:
-            ValueError: the name, token, size, hash or file size does not match.
-            OSError: the segment does not exist here (the peer is on another host).
+            ValueError: the name is not a segment name; the file is not a regular file (a
+                FIFO, a symbolic link...), is not owned by our user, may be written by other
+                users, or is not exactly the size our layout implies; or its magic, token,
+                size or layout hash does not match.
+            TimeoutError: ``deadline`` has passed (an :class:`OSError`).
+            OSError: the segment does not exist here (:class:`FileNotFoundError`: the peer is on
+                another host) or cannot be opened.
         """
+        if _passed(deadline):
+            raise TimeoutError(f"deadline passed before attaching segment {name[:80]!r}")
         if not valid_name(name):
             raise ValueError(f"not a dpwa shared-memory segment name: {name[:80]!r}")
-        total = _total_bytes(size)
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = _open_checked(name, _total_bytes(size))
         try:
-            actual = os.fstat(fd).st_size
-            if actual < total:
-                raise ValueError(f"segment {name} has {actual} bytes, our layout needs {total}")
-            mapping = mmap.mmap(fd, total, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        try:
-            magic, seg_token, seg_size, seg_hash, _pid, slot_bytes, _ = _HEAD.unpack_from(
-                mapping, 0
-            )
+            head = os.pread(fd, _HEAD.size, 0)
+            if len(head) != _HEAD.size:
+                raise ValueError(f"segment {name} refused: it shrank while being opened")
+            magic, seg_token, seg_size, seg_hash, _pid, slot_bytes, _ = _HEAD.unpack(head)
             problems = []
             if magic != _MAGIC:
                 problems.append("bad magic")
@@ -177,16 +306,22 @@ class SharedSegment:
             if problems:
                 raise ValueError(f"segment {name} refused: " + "; ".join(problems))
         except BaseException:
-            mapping.close()
+            os.close(fd)
             raise
-        return cls(name, token, size, shape_hash, memoryview(mapping), None, mapping)
+        return cls(name, token, size, shape_hash, fd, None)
 
     def slot(self, index: int) -> np.ndarray:
-        """The float32 view of slot ``index`` (0 or 1); read-only for a reader."""
+        """The writer's float32 view of slot ``index`` (0 or 1).
+
+        Raises:
+            ValueError: this is a reader (it does not map the segment; use :meth:`read`).
+        """
+        if self._mapping is None:
+            raise ValueError("a reader does not map the segment; use read()")
         return self._slots[index]
 
     def begin_write(self, index: int) -> None:
-        """Mark slot ``index`` as being written (its sequence becomes odd)."""
+        """Mark slot ``index`` as being written (its sequence becomes odd). Writer only."""
         self._seq[index] += np.uint64(1)
 
     def end_write(self, index: int, clock: float, loss: float) -> None:
@@ -196,66 +331,155 @@ class SharedSegment:
         self._seq[index] += np.uint64(1)
 
     def sequence(self, index: int) -> int:
-        """The slot's sequence counter: odd while it is being written."""
-        return int(self._seq[index])
+        """The slot's sequence counter: odd while it is being written.
+
+        Raises:
+            ValueError: a reader found the segment shrunk or closed.
+        """
+        if self._mapping is not None:
+            return int(self._seq[index])
+        with self._lock:
+            meta = self._read_meta(index)
+        if meta is None:
+            raise ValueError(f"segment {self.name} shrank or was closed")
+        return meta[0]
+
+    def _read_meta(self, index: int) -> tuple[int, float, float] | None:
+        """The slot's (sequence, clock, loss) read with pread; None on a short read."""
+        if self._fd < 0:
+            return None
+        raw = os.pread(self._fd, _META.size, _META_OFFSET + index * _META.size)
+        if len(raw) != _META.size:
+            return None
+        sequence, clock, loss = _META.unpack(raw)
+        return int(sequence), float(clock), float(loss)
 
     def read(
         self,
         index: int,
         sequence: int,
         out: np.ndarray,
-        copy: Callable[[np.ndarray, np.ndarray], object] = np.copyto,
+        copy: Callable[[np.ndarray, np.ndarray], object] | None = None,
+        *,
+        check: Callable[[np.ndarray], object] | None = None,
+        deadline: float | None = None,
     ) -> tuple[float, float] | None:
         """Copy slot ``index`` into ``out`` if it still holds version ``sequence``.
+
+        The slot is read from the file with ``pread``, :data:`CHUNK_BYTES` at a time, straight
+        into ``out``. Anything that goes wrong with the segment (it shrank, vanished, was
+        rewritten, an I/O error, the deadline passed, the segment was closed) returns None;
+        only exceptions raised by ``copy`` or ``check`` themselves, or a ValueError for an
+        unusable ``out``, propagate.
 
         Args:
             index: the slot, 0 or 1.
             sequence: the even sequence number the writer announced for the slot.
-            out: a float32 array of :attr:`size` elements.
-            copy: ``copy(out, slot)`` does the copy (e.g. checking values on the way).
+            out: a C-contiguous, writable float32 array of :attr:`size` elements.
+            copy: for callers written for the mapped segment: called once, as
+                ``copy(out, out)``, after the whole slot has landed in ``out`` (there is no
+                mapped source any more). A copying callback such as :func:`numpy.copyto` then
+                copies nothing; a checking one sees every value. Prefer ``check``.
+            check: called with each chunk of ``out`` (a view) right after it landed, while it
+                is in cache, e.g. to look for NaN and Inf. Its return value is ignored.
+            deadline: a :func:`time.monotonic` value; the copy stops (None) once it has
+                passed, checked before each chunk.
 
         Returns:
             ``(clock, loss)`` when the copy is consistent, or None when the slot was
-            rewritten before or during the copy (``out`` then holds garbage).
+            rewritten before or during the copy, the segment shrank or could not be read, or
+            the deadline passed (``out`` then holds garbage).
+
+        Raises:
+            ValueError: ``out`` is not a contiguous writable float32 array of :attr:`size`.
         """
-        if sequence % 2 or int(self._seq[index]) != sequence:
+        if (
+            out.dtype != np.float32
+            or out.size != self.size
+            or not out.flags.c_contiguous
+            or not out.flags.writeable
+        ):
+            raise ValueError(f"out must be a writable contiguous float32 array of {self.size}")
+        if sequence % 2 or index not in (0, 1):
             return None
-        clock, loss = float(self._meta[index, 1]), float(self._meta[index, 2])
-        copy(out, self._slots[index])
-        if int(self._seq[index]) != sequence:
+        with self._lock:
+            try:
+                result = self._read_locked(index, sequence, out, check, deadline)
+            except OSError as exc:
+                _log.debug("reading segment %s failed: %s", self.name, exc)
+                return None
+        if result is not None and copy is not None:
+            copy(out, out)
+        return result
+
+    def _read_locked(
+        self,
+        index: int,
+        sequence: int,
+        out: np.ndarray,
+        check: Callable[[np.ndarray], object] | None,
+        deadline: float | None,
+    ) -> tuple[float, float] | None:
+        before = self._read_meta(index)
+        if before is None or before[0] != sequence:
             return None
-        return clock, loss
+        fd = self._fd
+        data = out.data.cast("B")
+        offset = _DATA_OFFSET + index * self._slot_bytes
+        per_chunk = CHUNK_BYTES // 4
+        for start in range(0, data.nbytes, CHUNK_BYTES):
+            if _passed(deadline):
+                return None
+            view = data[start : start + CHUNK_BYTES]
+            if os.preadv(fd, [view], offset + start) != view.nbytes:
+                return None  # the file shrank under us
+            if check is not None:
+                first = start // 4
+                check(out[first : first + per_chunk])
+        after = self._read_meta(index)
+        if after is None or after[0] != sequence:
+            return None
+        return before[1], before[2]
 
     def close(self) -> None:
-        """Unmap the segment; the writer also removes it. Safe to call twice.
+        """Close the segment; the writer's creating process also removes it. Safe to call twice.
 
-        An array still viewing a slot keeps the memory mapped until it is dropped.
+        A writer's array still viewing a slot keeps the memory mapped until it is dropped. In a
+        child forked from the creator, close only drops the child's copies: the segment stays.
         """
+        with self._lock:
+            fd, self._fd = self._fd, -1
         self._slots = ()
         self._seq = np.empty(0, np.uint64)
         self._meta = np.empty((0, 3), np.float64)
         buffer, self._buffer = self._buffer, memoryview(b"")
-        owner, self._owner = self._owner, None
         mapping, self._mapping = self._mapping, None
+        if mapping is not None and self._creator == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM_DIR, self.name))
+            with contextlib.suppress(Exception):
+                resource_tracker.unregister(f"/{self.name}", "shared_memory")
         try:
             buffer.release()
             if mapping is not None:
                 mapping.close()
-            if owner is not None:
-                owner.close()
         except BufferError:
             _log.debug("segment %s is still viewed; it is unmapped when the view goes", self.name)
-        if owner is not None:
-            with contextlib.suppress(FileNotFoundError):
-                owner.unlink()
+        if fd >= 0:
+            os.close(fd)
 
     def __repr__(self) -> str:
-        role = "writer" if self._owner is not None else "reader"
+        role = "writer" if self._mapping is not None else "reader"
         return f"SharedSegment({self.name!r}, {role}, size={self.size})"
 
 
 def remove_stale() -> list[str]:
-    """Remove this user's dpwa segments whose creating process is gone.
+    """Remove this user's dpwa segments that no process holds any more.
+
+    A segment is stale when its file can be locked with ``flock(LOCK_EX | LOCK_NB)``: its
+    creator (and any child forked from it) is gone. The pid in the name is not used, so a live
+    segment of a process in another PID namespace is kept. Files of other users, symbolic
+    links, anything but regular files, and empty files younger than a minute are left alone.
 
     Returns:
         The names removed.
@@ -263,32 +487,52 @@ def remove_stale() -> list[str]:
     if not available():
         return []
     removed = []
-    uid = os.getuid()
     for name in os.listdir(SHM_DIR):
-        match = _NAME.fullmatch(name)
-        if match is None:
+        if _NAME.fullmatch(name) is None:
             continue
-        path = os.path.join(SHM_DIR, name)
         try:
-            if os.stat(path, follow_symlinks=False).st_uid != uid or _alive(int(match[1])):
-                continue
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
+            if _remove_if_stale(os.path.join(SHM_DIR, name)):
+                removed.append(name)
         except OSError as exc:
-            _log.debug("could not remove stale segment %s: %s", name, exc)
-            continue
-        removed.append(name)
+            _log.debug("could not check or remove segment %s: %s", name, exc)
     if removed:
         _log.info("removed %d stale shared-memory segment(s) of dead nodes", len(removed))
     return removed
 
 
-def _alive(pid: int) -> bool:
+def _remove_if_stale(path: str) -> bool:
+    uid = os.geteuid()
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        seen = os.lstat(path)
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    if not stat.S_ISREG(seen.st_mode) or seen.st_uid != uid:
+        return False
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # became a link since the lstat
+            return False
+        raise
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (seen.st_dev, seen.st_ino) or info.st_uid != uid:
+            return False
+        if info.st_size == 0 and time.time() - info.st_ctime < _CREATE_GRACE_S:
+            return False  # maybe created a moment ago and not locked yet
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its creator holds it: alive, whatever its pid says here
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            return False
+        os.unlink(path)
         return True
-    return True
+    finally:
+        os.close(fd)

@@ -36,8 +36,10 @@ def test_reader_sees_what_the_writer_published() -> None:
         out = np.zeros(1000, np.float32)
         assert reader.read(1, writer.sequence(1), out) == (42.0, 3.5)
         assert np.all(out == 3.5)
-        assert not reader.slot(1).flags.writeable
+        with pytest.raises(ValueError, match="does not map"):
+            reader.slot(1)  # a reader copies with pread and never maps a peer's segment
         reader.close()
+        assert reader.read(1, writer.sequence(1), out) is None  # closed: nothing to read
     finally:
         writer.close()
     assert writer.name not in _segments()
@@ -93,6 +95,36 @@ def test_concurrent_writer_never_yields_a_torn_copy() -> None:
         reader.close()
         writer.close()
     assert consistent > 0, f"no consistent copy in 1 s ({torn} refused)"
+
+
+def test_read_checks_each_chunk_as_it_lands_and_calls_copy_once() -> None:
+    size = 3 * shm.CHUNK_BYTES // 4 + 5  # three full chunks and a short one
+    writer = SharedSegment.create(size, 9)
+    try:
+        writer.begin_write(0)
+        writer.slot(0)[:] = np.arange(size, dtype=np.float32)
+        writer.end_write(0, 1.0, 2.0)
+        reader = SharedSegment.attach(writer.name, writer.token, size, 9)
+        out = np.zeros(size, np.float32)
+        chunks: list[np.ndarray] = []
+        copies: list[tuple[np.ndarray, np.ndarray]] = []
+        result = reader.read(
+            0,
+            writer.sequence(0),
+            out,
+            lambda dst, src: copies.append((dst, src)),
+            check=lambda chunk: chunks.append(chunk.copy()),
+        )
+        assert result == (1.0, 2.0)
+        assert np.array_equal(out, np.arange(size, dtype=np.float32))
+        assert [len(c) for c in chunks] == [shm.CHUNK_BYTES // 4] * 3 + [5]
+        assert np.array_equal(np.concatenate(chunks), out)
+        assert len(copies) == 1 and copies[0][0] is out and copies[0][1] is out
+        with pytest.raises(ValueError, match="float32 array"):
+            reader.read(0, writer.sequence(0), np.zeros(size, np.float64))
+        reader.close()
+    finally:
+        writer.close()
 
 
 @pytest.mark.parametrize(
