@@ -67,3 +67,74 @@ def test_thousands_of_distinct_bad_answers_leave_memory_and_log_bounded(
     # Bounded memory: 3000 distinct 64 KiB texts would be 190 MiB if any were kept.
     start, end = record["rss"]
     assert end - start < 40 * 2**20, f"RSS grew by {(end - start) / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    ("with_auth", "source"),
+    [(False, "127.0.0.1"), (True, "127.0.0.1"), (False, "127.0.0.2")],
+    ids=["plain-same-host", "auth-same-host", "plain-other-host"],
+)
+def test_stalled_requests_cannot_keep_honest_peers_from_their_pulls(
+    make_cluster: Cluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    with_auth: bool,
+    source: str,
+) -> None:
+    options: dict[str, Any] = {"timeout_ms": 1000, "transport": "tcp", "robust": {"clip": False}}
+    if with_auth:
+        monkeypatch.setenv("DPWA_SECRET", "flood-test-secret")
+        options["auth"] = {"secret_env": "DPWA_SECRET"}
+    config = make_cluster(3, **options)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    seconds = 6.0
+    nodes = {
+        name: subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKERS / "recording_node.py"),
+                str(path),
+                name,
+                "1.0",
+                str(seconds + 30),
+                str(tmp_path / f"{name}.json"),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("w1", "w2", "w3")
+    }
+    port = config["nodes"][0]["port"]
+    claimed = ["w2", "w1"] if with_auth else []
+    try:
+        time.sleep(1.0)  # the nodes start and pull from each other
+        flood = subprocess.run(
+            [
+                sys.executable,
+                str(WORKERS / "slot_flood.py"),
+                "127.0.0.1",
+                str(port),
+                source,
+                "300",
+                str(seconds),
+                "64",
+                *claimed,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+        )
+    finally:
+        for name in nodes:
+            (tmp_path / f"{name}.json.stop").touch()
+        logs = {name: proc.communicate(timeout=30)[1] for name, proc in nodes.items()}
+    assert flood.returncode == 0, flood.stderr[-2000:]
+    assert int(flood.stdout) >= 300  # every attacking connection was made at least once
+    for name in ("w2", "w3"):
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        w1 = record["stats"]["peers"]["w1"]
+        tried = w1["ok"] + w1["failed"] + w1["timed_out"]
+        print(f"{name}: {w1['ok']} of {tried} pulls from w1 ok during the flood")
+        assert tried >= 20, (name, w1, logs[name][-2000:])
+        assert w1["ok"] / tried >= 0.9, (name, w1, logs[name][-2000:])
