@@ -317,6 +317,12 @@ def lerp_inplace(local: np.ndarray, peer: np.ndarray, factor: float) -> np.ndarr
     factor)`` from ``factor`` 0.5 on), so ``factor`` 0 keeps ``local`` and 1 gives ``peer``
     exactly.
 
+    Finite in, finite out: a block whose difference ``peer - local`` overflows (values beyond
+    half the dtype's range, e.g. a peer sending -3e38 and +3e38 in float32) is blended again in
+    float64, so the result is the convex combination rounded to ``local``'s dtype, never Inf or
+    NaN. Other blocks are computed exactly as before (torch.lerp's formula cannot overflow when
+    the difference does not).
+
     Args:
         local: writable float array, blended in place (any shape).
         peer: array of ``local``'s shape.
@@ -336,6 +342,11 @@ def lerp_inplace(local: np.ndarray, peer: np.ndarray, factor: float) -> np.ndarr
         raise ValueError(f"cannot blend arrays of shapes {local.shape} and {peer.shape}")
     if not local.flags.writeable:
         raise ValueError("the array to blend into is read-only")
+    if factor == 0:
+        return local  # 0 * inf would be NaN; taking nothing is exact
+    if factor == 1:
+        np.copyto(local, peer, casting="unsafe")
+        return local
     mine = local.reshape(-1)  # a view for contiguous arrays; else blended below and copied back
     theirs = peer.reshape(-1)
     weight = local.dtype.type(factor)
@@ -343,19 +354,52 @@ def lerp_inplace(local: np.ndarray, peer: np.ndarray, factor: float) -> np.ndarr
     if far:
         weight = local.dtype.type(1.0 - factor)
     scratch = np.empty(min(_LERP_CHUNK, mine.size), local.dtype)
-    for start in range(0, mine.size, _LERP_CHUNK):
-        stop = min(start + _LERP_CHUNK, mine.size)
-        part = scratch[: stop - start]
-        target = mine[start:stop]
-        np.subtract(theirs[start:stop], target, out=part)  # peer - local
-        part *= weight
-        if far:
-            np.subtract(theirs[start:stop], part, out=target)
-        else:
-            target += part
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, mine.size, _LERP_CHUNK):
+            stop = min(start + _LERP_CHUNK, mine.size)
+            part = scratch[: stop - start]
+            target = mine[start:stop]
+            np.subtract(theirs[start:stop], target, out=part)  # peer - local
+            # The sum is non-finite whenever a difference is (and, harmlessly, when finite
+            # differences add up past the range): then this block is redone in float64.
+            if not math.isfinite(float(np.add.reduce(part))):
+                _lerp_wide(target, theirs[start:stop], factor)
+                continue
+            part *= weight
+            if far:
+                np.subtract(theirs[start:stop], part, out=target)
+            else:
+                target += part
     if not np.shares_memory(mine, local):
         local[...] = mine.reshape(local.shape)
     return local
+
+
+def _lerp_wide(target: np.ndarray, peer: np.ndarray, factor: float) -> None:
+    """Blend one block in a wider dtype (float64; halves for float64), then round back.
+
+    The result lies between the two inputs, so rounded to ``target``'s dtype it stays finite.
+    """
+    if target.dtype.itemsize < 8:
+        a = target.astype(np.float64)
+        b = peer.astype(np.float64)
+        scale = 1.0
+    else:  # no wider dtype: work on halves, whose difference cannot overflow
+        a = target * 0.5
+        b = peer * 0.5
+        scale = 2.0
+    b -= a  # peer - local
+    if factor < 0.5:
+        b *= factor
+        a += b
+    else:
+        b *= 1.0 - factor
+        np.subtract(peer if scale == 1.0 else peer * 0.5, b, out=a)
+    if scale != 1.0:
+        a *= scale
+    limit = np.finfo(target.dtype).max
+    np.clip(a, -limit, limit, out=a)
+    np.copyto(target, a, casting="unsafe")
 
 
 def get_adapter(framework: str) -> Adapter:

@@ -141,7 +141,8 @@ class JaxAdapter(Adapter):
         """Return ``(1 - factor) * state + factor * peer`` as a new pytree.
 
         The blend runs on each leaf's device, in float32 (float64 for float64 leaves), and the
-        result keeps each leaf's dtype and placement.
+        result keeps each leaf's dtype and placement. Finite in, finite out: the blend is
+        clamped to the finite range (see ``_lerp``), narrower leaves to their own.
 
         Args:
             state: a pytree of jax arrays; it is not modified.
@@ -208,11 +209,19 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 @partial(jax.jit, donate_argnums=())
 def _lerp(leaves: list[jax.Array], peers: list[jax.Array], weight: jax.Array) -> list[jax.Array]:
+    """``leaf * (1 - w) + peer * w`` per leaf, clamped to the finite range: never Inf or NaN.
+
+    Each product is at most its input in magnitude, so both terms are finite and their sum can
+    only overflow where both inputs lie near the same end of the range; the convex combination
+    is then within rounding of that end, which the clamp returns. Narrower leaves (float16,
+    bfloat16) are blended in float32 and clamped into their own range.
+    """
     result = []
     for leaf, end in zip(leaves, peers, strict=True):
         compute = jnp.promote_types(leaf.dtype, jnp.float32)
         mixed = leaf.astype(compute) * (1 - weight).astype(compute) + end.astype(
             compute
         ) * weight.astype(compute)
-        result.append(mixed.astype(leaf.dtype))
+        limit = jnp.asarray(jnp.finfo(leaf.dtype).max, compute)
+        result.append(jnp.clip(mixed, -limit, limit).astype(leaf.dtype))
     return result

@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import keras
+import ml_dtypes
 import numpy as np
 
 from dpwa_core.adapters import (
@@ -142,6 +143,9 @@ class KerasAdapter(Adapter):
     def interpolate(self, state: StateT, peer: FlatArray, factor: float) -> StateT:
         """Blend a peer's vector in place, variable by variable: ``v = (1 - f) v + f peer``.
 
+        Finite in, finite out (:func:`~dpwa_core.adapters.lerp_inplace`); variables of a
+        narrower dtype get the blend clamped into their range.
+
         Args:
             state: a built Keras model or layer.
             peer: the peer's 1-D float32 vector of ``layout(state).size`` elements.
@@ -161,9 +165,11 @@ class KerasAdapter(Adapter):
             stop = start + int(np.prod(variable.shape, dtype=np.int64))
             # One float32 copy of this variable (the read may share the variable's memory),
             # blended in place a block at a time: the scratch is one variable, not the model.
+            # lerp_inplace never turns finite values into Inf or NaN; _cast clamps the result
+            # into a narrower variable's range.
             blended = np.array(_read(variable), dtype=np.float32)
             lerp_inplace(blended, peer[start:stop].reshape(variable.shape), weight)
-            variable.assign(_cast(blended, variable))
+            variable.assign(_cast(blended, variable, clamp=True))
             start = stop
         return state
 
@@ -215,9 +221,17 @@ def _is_float(dtype: Any) -> bool:
     return str(dtype) in {"float16", "bfloat16", "float32", "float64"}
 
 
-def _cast(values: np.ndarray, variable: Any) -> np.ndarray:
-    """``values`` in the variable's dtype (bfloat16 through ml_dtypes, as keras does)."""
+def _cast(values: np.ndarray, variable: Any, *, clamp: bool = False) -> np.ndarray:
+    """``values`` in the variable's dtype (bfloat16 through ml_dtypes, as keras does).
+
+    With ``clamp``, values beyond a narrower dtype's finite range (float16 ends at 65504) are
+    clamped to it (in place) instead of becoming Inf.
+    """
     dtype = str(variable.dtype)
-    if dtype == "float32":
-        return values
-    return np.asarray(values).astype(keras.backend.standardize_dtype(dtype))
+    if dtype in ("float32", "float64"):
+        return values if dtype == "float32" else np.asarray(values).astype(np.float64)
+    target = np.dtype(keras.backend.standardize_dtype(dtype))
+    if clamp:
+        limit = float(ml_dtypes.finfo(target).max)
+        np.clip(values, -limit, limit, out=values)
+    return np.asarray(values).astype(target)

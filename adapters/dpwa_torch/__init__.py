@@ -14,7 +14,8 @@ float32 on the CPU on the way out and back to their own dtype and device on the 
 Zero-copy: :func:`flatten_` (which ``dpwa_core.connect`` applies to CPU models, through
 :meth:`TorchAdapter.prepare`) makes the float32 parameters and buffers strided views into one
 flat float32 tensor in the canonical layout; ``to_flat`` and ``from_flat`` are then one memcpy
-and ``interpolate`` one ``lerp_`` (see :mod:`dpwa_torch._flat`).
+and ``interpolate`` one chunked ``lerp_`` pass (see :mod:`dpwa_torch._flat` and
+:mod:`dpwa_torch._blend`).
 
 Example:
     >>> import torch
@@ -46,6 +47,7 @@ from dpwa_core.adapters import (
     validate_flat,
 )
 from dpwa_core.layout import Layout
+from dpwa_torch._blend import lerp_
 from dpwa_torch._flat import active, flat_buffer, flatten_, why_not
 from dpwa_torch._plan import is_tensor_dict, plan_for
 
@@ -60,7 +62,7 @@ class TorchAdapter(Adapter):
     Writes go straight into the model's own tensors under ``torch.no_grad()``; the list of
     tensors is cached per module and rebuilt when the module's parameters or buffers are
     replaced. A module flattened by :func:`flatten_` (``connect()`` does it for CPU modules,
-    see :meth:`prepare`) is served from its flat tensor: one copy or one ``lerp_`` in all.
+    see :meth:`prepare`) is served from its flat tensor: one copy or one ``lerp_`` pass in all.
 
     Example:
         >>> adapter = TorchAdapter()
@@ -187,8 +189,11 @@ class TorchAdapter(Adapter):
     def interpolate(self, state: StateT, peer: FlatArray, factor: float) -> StateT:
         """Blend a peer's vector in place: each tensor ``t.lerp_(peer_slice, factor)``.
 
-        A flattened module takes one ``flat.lerp_(peer, factor)``; either way nothing
-        model-sized is allocated (the peer is viewed, not copied, when it is C-contiguous).
+        A flattened module is blended as its one flat tensor; either way nothing model-sized is
+        allocated (the peer is viewed, not copied, when it is C-contiguous) and the blend runs
+        a cache-sized chunk at a time (:func:`dpwa_torch._blend.lerp_`): finite values never
+        blend into Inf or NaN, even where ``peer - local`` overflows float32. Float16 and
+        bfloat16 tensors are blended in float32 and clamped into their range.
 
         Args:
             state: a module or a dict of tensors.
@@ -209,15 +214,23 @@ class TorchAdapter(Adapter):
         if record is not None:
             with torch.no_grad():
                 record.gather()
-                record.flat.lerp_(source, weight)
+                lerp_(record.flat, source, weight)
                 record.scatter()
             return state
         with torch.no_grad():
             for tensor, start, stop, shape, inverse in plan.native_slices():
                 end = _native_view(source[start:stop], shape, inverse)
-                if end.dtype != tensor.dtype or end.device != tensor.device:
-                    end = end.to(device=tensor.device, dtype=tensor.dtype)
-                tensor.lerp_(end, weight)
+                if tensor.dtype in (torch.float32, torch.float64):
+                    if end.dtype != tensor.dtype or end.device != tensor.device:
+                        end = end.to(device=tensor.device, dtype=tensor.dtype)
+                    lerp_(tensor, end, weight)
+                    continue
+                # Narrower dtypes blend in float32, then are clamped into their own range: a
+                # finite float32 peer value may not fit a float16 one.
+                blended = tensor.to(torch.float32)
+                lerp_(blended, end.to(device=tensor.device), weight)
+                info = torch.finfo(tensor.dtype)
+                tensor.copy_(blended.clamp_(info.min, info.max))
         return state
 
 
