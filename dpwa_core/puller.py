@@ -289,7 +289,7 @@ class Puller:
             if header.type is MessageType.PARAMS:
                 break
             self.bytes_in += HEADER.size + SHM_ANSWER.size
-            if self._read_shm(peer, ShmAnswer.decode(self._shm_payload)):
+            if self._read_shm(peer, ShmAnswer.decode(self._shm_payload), ticket.deadline):
                 self.pulls_shm += 1
                 break
             # Torn or not mappable here: ask again, over TCP unless shared memory is required.
@@ -433,17 +433,12 @@ class Puller:
                 self._finite = all_finite(self.buffer, self._mask)
         self.bytes_in += HEADER.size + header.length
 
-    def _copy_checked(self, out: np.ndarray, src: np.ndarray) -> None:
-        """Copy chunk by chunk, checking each copied chunk for NaN and Inf while it is hot."""
-        check = self.reject_nonfinite
-        self._finite = True
-        for start in range(0, out.size, RECEIVE_CHUNK):
-            chunk = out[start : start + RECEIVE_CHUNK]
-            np.copyto(chunk, src[start : start + RECEIVE_CHUNK])
-            if check and self._finite:
-                self._finite = all_finite(chunk, self._mask)
+    def _check_chunk(self, chunk: np.ndarray) -> None:
+        """Check a chunk just copied from shared memory for NaN and Inf while it is hot."""
+        if self.reject_nonfinite and self._finite:
+            self._finite = all_finite(chunk, self._mask)
 
-    def _read_shm(self, peer: Peer, answer: ShmAnswer) -> bool:
+    def _read_shm(self, peer: Peer, answer: ShmAnswer, deadline: float) -> bool:
         """Copy the peer's announced slot into the buffer; False when torn or not mappable."""
         segment = self._segments.get(peer.name)
         if segment is None or (segment.name, segment.token) != (answer.name, answer.token):
@@ -452,7 +447,11 @@ class Puller:
                 del self._segments[peer.name]
             size, shape_hash = self.layout.fingerprint
             try:
-                segment = SharedSegment.attach(answer.name, answer.token, size, shape_hash)
+                segment = SharedSegment.attach(
+                    answer.name, answer.token, size, shape_hash, deadline=deadline
+                )
+            except TimeoutError:
+                raise  # the pull's deadline, not a sign that the peer is elsewhere
             except (OSError, ValueError) as exc:
                 if self.transport == "shm":
                     raise ProtocolError(
@@ -463,7 +462,11 @@ class Puller:
                 _log.info("%s: pulling %s over TCP: %s", self.name, peer.name, exc)
                 return False
             self._segments[peer.name] = segment
-        if segment.read(answer.slot, answer.sequence, self.buffer, self._copy_checked) is None:
+        self._finite = True
+        copied = segment.read(
+            answer.slot, answer.sequence, self.buffer, check=self._check_chunk, deadline=deadline
+        )
+        if copied is None:
             self.torn_shm += 1
             return False
         return True
