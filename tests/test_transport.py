@@ -68,7 +68,7 @@ def test_tcp_transport_makes_no_segment_and_sends_the_parameters() -> None:
 
 @needs_shm
 def test_a_torn_copy_is_asked_again_over_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(SharedSegment, "read", lambda self, *args: None)
+    monkeypatch.setattr(SharedSegment, "read", lambda self, *args, **kwargs: None)
     config = cluster(2)
     with Node(config, "w1") as a, Node(config, "w2") as b:
         result = pull(a, b, 1.0, 2.0)
@@ -80,7 +80,7 @@ def test_a_torn_copy_is_asked_again_over_tcp(monkeypatch: pytest.MonkeyPatch) ->
 def test_segment_not_on_this_host(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def elsewhere(*args: object) -> SharedSegment:
+    def elsewhere(*args: object, **kwargs: object) -> SharedSegment:
         raise FileNotFoundError("no such segment")
 
     monkeypatch.setattr(SharedSegment, "attach", elsewhere)
