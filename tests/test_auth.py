@@ -37,14 +37,14 @@ def run_pair(
     """Run both handshake sides over a socket pair; returns (client error, server error)."""
     a, b = socket.socketpair()
     errors: dict[str, BaseException | None] = {"server": None}
-    sessions: list[auth.Session] = []
+    sessions: dict[str, auth.Session] = {}
 
     def serve() -> None:
         try:
             magic = b.recv(4, socket.MSG_WAITALL)
             deadline = time.monotonic() + 5
-            sessions.append(
-                server_handshake(b, server_secret, deadline, magic, name=server, members=members)
+            sessions["server"] = server_handshake(
+                b, server_secret, deadline, magic, name=server, members=members
             )
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             errors["server"] = exc
@@ -56,14 +56,14 @@ def run_pair(
     client_error: BaseException | None = None
     try:
         deadline = time.monotonic() + 5
-        sessions.append(client_handshake(a, client_secret, deadline, name=client, peer=dialled))
+        sessions["client"] = client_handshake(a, client_secret, deadline, name=client, peer=dialled)
     except BaseException as exc:  # noqa: BLE001
         client_error = exc
     finally:
         thread.join(10)
         a.close()
     if len(sessions) == 2:  # both sides agree on who is who and on the keys
-        theirs, ours = sessions
+        theirs, ours = sessions["server"], sessions["client"]
         assert (theirs.peer, ours.peer) == (client, dialled)
         ours.receive.check(theirs.send.tag(b"answer"), b"answer")
         theirs.receive.check(ours.send.tag(b"pull"), b"pull")
