@@ -710,20 +710,20 @@ def _robust(value: Any, source: str) -> RobustSettings:
     """The ``robust`` section: clipping of what peers send, and the bound on their clocks."""
     if value is None:
         return RobustSettings()
-    example = "{clip: true, clip_scale: 2.0, clip_window: 16, max_clock_lead: 2.0}"
+    example = "{clip: true, clip_scale: 1.0, clip_window: 16, max_clock_lead: 2.0}"
     _keys_of(value, "robust", _ROBUST_KEYS, example, source)
     clip = value.get("clip", True)
     if not isinstance(clip, bool):
         raise ConfigError(f"{source}: key 'robust.clip' must be true or false, got {clip!r}.")
     numbers: dict[str, float] = {}
-    for key, rule, ok in (
-        ("clip_scale", "a number >= 1, e.g. 2.0", lambda v: v >= 1),
-        ("max_clock_lead", "a number >= 1, e.g. 2.0", lambda v: v >= 1),
+    for key, rule in (
+        ("clip_scale", "a number >= 1, e.g. 1.0 (the radius is this many times the median)"),
+        ("max_clock_lead", "a number >= 1, e.g. 2.0 (a peer's clock counts at most 2x ours)"),
     ):
         number = value.get(key, getattr(RobustSettings, key))
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{source}: key 'robust.{key}' must be {rule}; got {number!r}.")
-        if not (math.isfinite(number) and ok(number)):
+        if not (math.isfinite(number) and number >= 1):
             raise ConfigError(f"{source}: key 'robust.{key}' must be {rule}; got {number!r}.")
         numbers[key] = float(number)
     window = value.get("clip_window", RobustSettings.clip_window)

@@ -31,11 +31,13 @@ from typing import Any
 import numpy as np
 
 from dpwa_core import shm
-from dpwa_core._log import get_logger
+from dpwa_core._log import OncePerPeer, get_logger
+from dpwa_core.adapters import lerp_inplace
 from dpwa_core.config import Config, load_config
 from dpwa_core.layout import Layout
 from dpwa_core.peers import PeerTable
 from dpwa_core.puller import Outcome, Puller, Ticket
+from dpwa_core.robust import Clipper
 from dpwa_core.server import Server
 from dpwa_core.shm import SharedSegment
 from dpwa_core.snapshot import SnapshotBuffer
@@ -56,17 +58,35 @@ class PullResult:
     """
 
     params: np.ndarray
-    """The peer's parameters, 1-D float32."""
+    """The peer's parameters, 1-D float32 (clipped toward ours by ``robust.clip``)."""
     factor: float
     """Factor in [0, 1], after the divergence rule: ``local = (1-f)*local + f*peer``."""
     peer: str
     """Name of the peer the snapshot came from."""
     clock: float
-    """The peer's clock when it published the snapshot."""
+    """The peer's clock as it claimed it (the factor and our clock use it bounded by
+    ``robust.max_clock_lead``, between 1/lead and lead times ours)."""
     loss: float
     """The peer's loss when it published the snapshot."""
     elapsed: float
     """Seconds from sending the request to the last byte of the answer."""
+
+    def blend_into(self, params: np.ndarray) -> np.ndarray:
+        """Blend the peer's parameters into ``params`` in place and return ``params``.
+
+        ``params = params + factor * (self.params - params)``, computed a cache-sized block at
+        a time (:func:`~dpwa_core.adapters.lerp_inplace`): no model-sized temporary, factor 0
+        keeps ``params`` and 1 gives the peer's exactly, and finite values never blend into
+        Inf or NaN (the naive formula overflows float32 when ``params`` and the peer lie far
+        apart, e.g. -3e38 and +3e38).
+
+        Args:
+            params: the node's writable float32 parameters, of the snapshot's size.
+
+        Raises:
+            ValueError: ``params`` has another shape or is read-only.
+        """
+        return lerp_inplace(params, self.params, self.factor)
 
 
 class Node:
@@ -84,7 +104,9 @@ class Node:
     Call :meth:`update_send` and :meth:`update_wait` from one training thread; the node's own
     threads do the networking. With the config's ``auth`` and ``tls`` sections every connection,
     in and out, is authenticated and/or encrypted (docs/SECURITY.md); received parameters that
-    hold NaN or Inf are refused unless ``reject_nonfinite`` is false.
+    hold NaN or Inf are refused unless ``reject_nonfinite`` is false, and the config's
+    ``robust`` section bounds what one pull can do to the model (docs/CONFIG.md): the peer's
+    vector is clipped toward ours and its claimed clock bounded.
 
     Raises:
         ConfigError: the config is invalid or does not name this node.
@@ -95,7 +117,7 @@ class Node:
         ...     node.update_send(params, loss)
         ...     result = node.update_wait(loss)
         ...     if result is not None:
-        ...         params += result.factor * (result.params - params)
+        ...         result.blend_into(params)   # params += f * (peer - params), overflow-safe
     """
 
     def __init__(
@@ -129,7 +151,11 @@ class Node:
             "pulls_failed": 0,
             "pulls_timed_out": 0,
             "pulls_not_ready": 0,
+            "clocks_bounded": 0,
         }
+        self._robust = self.config.robust
+        self._clipper: Clipper | None = None
+        self._warn = OncePerPeer(_log)
         self._last_factor: float | None = None
         self._last_age: float | None = None
         self._lock = threading.Lock()
@@ -144,6 +170,7 @@ class Node:
             self.config.timeout,
             name=self.name,
             members=[n.name for n in self.config.nodes],
+            member_hosts=[n.host for n in self.config.nodes],
             secret=self._secret,
             tls=server_context(tls, self.config.source) if tls else None,
             wire_dtype=wire_dtype(self.config.wire_dtype),
@@ -203,7 +230,14 @@ class Node:
         """Wait for the pull that :meth:`update_send` started, and compute its factor.
 
         On success the node's clock becomes ``f * peer_clock + (1 - f) * clock``. The caller
-        applies ``local = (1 - f) * local + f * result.params`` to its model.
+        applies ``local = (1 - f) * local + f * result.params`` to its model, with
+        :meth:`PullResult.blend_into` (overflow-safe, in place).
+
+        With ``robust.max_clock_lead`` (default 2) the peer's clock counts between 1/lead and
+        lead times ours, in the factor and in the clock update. With ``robust.clip`` (default on)
+        the received vector is first clipped toward this node's published snapshot:
+        ``peer = local + min(1, radius / ||peer - local||) * (peer - local)``, ``radius`` being
+        ``clip_scale`` times the median of recent distances (:mod:`dpwa_core.robust`).
 
         Args:
             loss: the current training loss (after the step), used by loss-based strategies and
@@ -226,7 +260,8 @@ class Node:
             self._count(ticket.outcome)
             return None
         self._count(Outcome.OK)
-        factor = self._strategy(self.clock, ticket.peer_clock, self.loss, ticket.peer_loss)
+        peer_clock = self._bounded_clock(ticket.peer, ticket.peer_clock)
+        factor = self._strategy(self.clock, peer_clock, self.loss, ticket.peer_loss)
         threshold = self.config.divergence_threshold
         if threshold > 0 and self.loss < threshold:
             # Near convergence, take less from peers so models can settle (the seed's rule).
@@ -234,12 +269,63 @@ class Node:
         with self._lock:
             self._last_age = ticket.peer_clock - self.clock
             self._last_factor = factor
-        self.clock = factor * ticket.peer_clock + (1 - factor) * self.clock
+        self.clock = factor * peer_clock + (1 - factor) * self.clock
         assert self._puller is not None  # a ticket exists, so the puller was started
-        params = self._puller.buffer.view()
+        buffer = self._puller.buffer
+        if self._clipper is not None and factor > 0:
+            self._clip(buffer, ticket.peer)
+        params = buffer.view()
         params.flags.writeable = False
         return PullResult(
             params, factor, ticket.peer, ticket.peer_clock, ticket.peer_loss, ticket.elapsed
+        )
+
+    def _bounded_clock(self, peer: str, claimed: float) -> float:
+        """The peer's clock, between ``1/max_clock_lead`` and ``max_clock_lead`` times ours.
+
+        Our clock counts as at least 1. Bounding both ways keeps the clock strategy's factor
+        within ``[1/(1+lead), lead/(1+lead)]``: a liar cannot take more than that, and a node
+        whose clock a liar inflated still takes at least ``1/(1+lead)`` from honest peers.
+        """
+        lead = self._robust.max_clock_lead
+        mine = max(self.clock, 1.0)
+        bounded = min(max(claimed, mine / lead), mine * lead)
+        if bounded == claimed or claimed < mine:
+            return bounded
+        with self._lock:
+            self._counts["clocks_bounded"] += 1
+        self._warn.warning(
+            peer,
+            "clock",
+            "%s: %s claims clock %g, more than robust.max_clock_lead (%g) times ours (%g); "
+            "using %g",
+            self.name,
+            peer,
+            claimed,
+            lead,
+            self.clock,
+            bounded,
+        )
+        return bounded
+
+    def _clip(self, buffer: np.ndarray, peer: str) -> None:
+        """Clip the receive buffer toward our published snapshot (robust.clip)."""
+        assert self._clipper is not None and self._snapshots is not None
+        with self._snapshots.pinned() as snapshot:
+            if snapshot is None:
+                return
+            clipper = self._clipper
+            if not clipper.clip(buffer, snapshot.params, peer):
+                return
+        self._warn.warning(
+            peer,
+            "clipped",
+            "%s: clipped the parameters from %s: %.3g away from ours, more than the clip "
+            "radius %.3g (robust.clip_scale x the median of recent distances)",
+            self.name,
+            peer,
+            clipper.distance,
+            clipper.radius,
         )
 
     def add_peer(self, name: str, host: str, port: int) -> None:
@@ -247,6 +333,7 @@ class Node:
         if name == self.name:
             raise ValueError(f"{self.name}: a node cannot be its own peer")
         self._peers.add(name, host, port)
+        self._server.add_member(name, host)  # its server will pull from ours too
 
     def remove_peer(self, name: str) -> None:
         """Stop pulling from ``name``; its kept-alive connection is closed on the next pull.
@@ -310,12 +397,20 @@ class Node:
             ``served_shm`` (pulls and answers through shared memory, counted in the totals too),
             ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock``,
             ``scores`` (each peer's flow-control score) and ``peers`` (per peer: ``score`` and
-            its ``ok``, ``failed`` and ``timed_out`` pull counts).
+            its ``ok``, ``failed``, ``timed_out`` and ``clipped`` pull counts); and from the
+            ``robust`` section: ``pulls_clipped`` (pulls whose vector was clipped toward ours),
+            ``clip_radius`` and ``clip_distance`` (the radius and the distance
+            ``||peer - local||`` at the last pull; None before it or with ``clip: false``) and
+            ``clocks_bounded`` (pulls whose peer claimed a clock beyond ``max_clock_lead``).
         """
+        clipper = self._clipper
         with self._lock:
             stats: dict[str, Any] = dict(self._counts)
             stats["last_factor"] = self._last_factor
             stats["last_age"] = self._last_age
+        stats["pulls_clipped"] = clipper.clipped if clipper else 0
+        stats["clip_radius"] = clipper.radius if clipper else None
+        stats["clip_distance"] = clipper.distance if clipper else None
         stats["pulls_served"] = self._server.served
         stats["bytes_out"] = self._server.bytes_out
         stats["rejected"] = self._server.rejected
@@ -328,7 +423,11 @@ class Node:
         stats["snapshots_skipped"] = self._snapshots.skipped if self._snapshots else 0
         stats["clock"] = self.clock
         stats["scores"] = self._peers.scores()
-        stats["peers"] = self._peers.counts()
+        peers = self._peers.counts()
+        clipped = dict(clipper.by_peer) if clipper else {}
+        for name, counts in peers.items():
+            counts["clipped"] = clipped.get(name, 0)
+        stats["peers"] = peers
         return stats
 
     def close(self) -> None:
@@ -367,6 +466,8 @@ class Node:
             transport=self.config.transport,
         )
         self._server.set_source(layout, self._snapshots)
+        if self._robust.clip:
+            self._clipper = Clipper(self._robust, layout.size)
 
     def _shared_segment(self, layout: Layout) -> SharedSegment | None:
         """The segment for the snapshots when co-located peers may read them, else None."""

@@ -1,13 +1,40 @@
 """Robust blending: what a member that knows the secret can do to our model is bounded.
 
 Configured by the ``robust`` section (docs/CONFIG.md); on by default.
+
+Self-centered clipping (He, Karimireddy and Jaggi, "Byzantine-robust decentralized learning via
+self-centered clipping", 2022): before a pulled vector is blended, its difference to our own
+published snapshot is clipped to a radius, ``peer <- local + min(1, radius / ||peer - local||) *
+(peer - local)``, so one pull moves our model by at most ``factor * radius`` whatever the peer
+sent. The radius is ``clip_scale`` times the median of the last ``clip_window`` distances
+``||peer - local||`` (all of them, clipped or not: a minority of liars cannot move a median far,
+and the radius follows the honest distances as models converge or drift apart). Until the window
+is full the median is also capped by the norm of our own model, so the first pulls, before any
+history, cannot take more than ``clip_scale * ||local||``: models started from different random
+weights (about ``sqrt(2) * ||local||`` apart) still move toward each other, and a liar's first
+answer cannot wreck the model. The one exception is a model of exactly all zeros, which gives no
+scale: its pulls are bounded by the median alone (nothing before the first pull), so a liar that
+answers an all-zero node's very first pull moves it once, by ``factor * ||peer||``; from then on
+the model has a norm and the cap applies.
+
+All arithmetic is chunked (one 64 Ki-element float32 scratch) and overflow-safe: a chunk whose
+float32 sum of squares overflows is summed again in float64, and a clipped vector is rewritten
+in float64 a chunk at a time.
 """
 
 from __future__ import annotations
 
+import collections
+import math
+import statistics
 from dataclasses import dataclass
 
-__all__ = ["RobustSettings"]
+import numpy as np
+
+__all__ = ["Clipper", "RobustSettings", "distance_and_norm"]
+
+_CHUNK = 64 * 1024
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -23,6 +50,117 @@ class RobustSettings:
     """
 
     clip: bool = True
-    clip_scale: float = 2.0
+    clip_scale: float = 1.0
     clip_window: int = 16
     max_clock_lead: float = 2.0
+
+
+def distance_and_norm(
+    peer: np.ndarray, local: np.ndarray, scratch: np.ndarray, *, norm: bool
+) -> tuple[float, float]:
+    """``(||peer - local||, ||local||)`` of two 1-D float32 vectors, a chunk at a time.
+
+    Args:
+        peer: the received vector.
+        local: our snapshot, same size.
+        scratch: float32 buffer of at least ``min(size, 64 Ki)`` elements.
+        norm: also compute ``||local||`` (else 0.0 is returned for it).
+
+    Returns:
+        Both Euclidean norms as Python floats; NaN when ``peer`` holds NaN.
+    """
+    squares = 0.0
+    own = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, peer.size, _CHUNK):
+            stop = min(start + _CHUNK, peer.size)
+            part = scratch[: stop - start]
+            mine = local[start:stop]
+            np.subtract(peer[start:stop], mine, out=part)
+            chunk = float(np.dot(part, part))
+            if not math.isfinite(chunk):  # float32 overflowed (or NaN): redo in float64
+                wide = peer[start:stop].astype(np.float64)
+                wide -= mine
+                chunk = float(np.dot(wide, wide))
+            squares += chunk
+            if norm:
+                mine_sq = float(np.dot(mine, mine))
+                if not math.isfinite(mine_sq):
+                    wide = mine.astype(np.float64)
+                    mine_sq = float(np.dot(wide, wide))
+                own += mine_sq
+    return math.sqrt(squares), math.sqrt(own)
+
+
+def shrink_toward(peer: np.ndarray, local: np.ndarray, scale: float) -> None:
+    """Rewrite ``peer`` in place as ``local + scale * (peer - local)``, in float64 chunks.
+
+    ``scale`` in ``[0, 1]``; the result lies between ``local`` and ``peer``, clamped into the
+    float32 range, so it is finite wherever both are.
+    """
+    for start in range(0, peer.size, _CHUNK):
+        stop = min(start + _CHUNK, peer.size)
+        mine = local[start:stop]
+        wide = peer[start:stop].astype(np.float64)
+        wide -= mine
+        wide *= scale
+        wide += mine
+        np.clip(wide, -_FLOAT32_MAX, _FLOAT32_MAX, out=wide)
+        np.copyto(peer[start:stop], wide, casting="unsafe")
+
+
+class Clipper:
+    """The clipping state of one node: recent distances, the radius, the counts.
+
+    Not thread-safe: the node's training thread calls :meth:`clip`; :meth:`stats` reads plain
+    attributes.
+
+    Args:
+        settings: the ``robust`` section.
+        size: number of parameters.
+    """
+
+    def __init__(self, settings: RobustSettings, size: int) -> None:
+        self.settings = settings
+        self._distances: collections.deque[float] = collections.deque(maxlen=settings.clip_window)
+        self._scratch = np.empty(min(size, _CHUNK), np.float32)
+        self.radius: float | None = None
+        """The radius of the last pull (None before the first)."""
+        self.distance: float | None = None
+        """``||peer - local||`` of the last pull, before clipping."""
+        self.clipped = 0
+        """Pulls whose vector was clipped."""
+        self.by_peer: dict[str, int] = {}
+        """Clipped pulls per peer name."""
+
+    def clip(self, peer: np.ndarray, local: np.ndarray, name: str) -> bool:
+        """Clip ``peer`` in place toward ``local``; True when it was clipped.
+
+        Args:
+            peer: the received vector (the node's receive buffer), rewritten when clipped.
+            local: the snapshot the node published for this step.
+            name: the peer's name, for the per-peer count.
+
+        Returns:
+            True when ``||peer - local||`` exceeded the radius and ``peer`` was shrunk to it.
+            False otherwise, and for a vector holding NaN (accepted only with
+            ``reject_nonfinite: false``), which is left alone.
+        """
+        settings = self.settings
+        warming = len(self._distances) < settings.clip_window
+        distance, norm = distance_and_norm(peer, local, self._scratch, norm=warming)
+        if not math.isfinite(distance):
+            return False
+        reference = statistics.median(self._distances) if self._distances else math.inf
+        if warming and norm > 0:  # an all-zero model has no scale yet (see the module doc)
+            reference = min(reference, norm)
+        radius = settings.clip_scale * reference
+        self._distances.append(distance)
+        self.radius = radius
+        self.distance = distance
+        if distance <= radius:
+            return False
+        shrink_toward(peer, local, radius / distance)
+        self.clipped += 1
+        self.by_peer[name] = self.by_peer.get(name, 0) + 1
+        return True

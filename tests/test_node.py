@@ -60,16 +60,30 @@ def test_factor_and_clock_math(make_cluster: Cluster) -> None:
     with Node(config, "w1") as a, Node(config, "w2") as b:
         params = np.ones(10, np.float32)
         a.update_send(params, loss=1.0, samples=30)  # a.clock = 30
-        b.update_send(params, loss=1.0, samples=10)  # b.clock = 10 (this pull may fail: a new)
+        b.update_send(params, loss=1.0, samples=20)  # b.clock = 20 (this pull may fail: a new)
         b.update_wait(1.0)
-        b.clock = 10.0
+        b.clock = 20.0  # a's 30 is within robust.max_clock_lead (2) times ours: not bounded
         b.update_send(params, loss=1.0, samples=0)
         result = b.update_wait(0.25)  # below the divergence threshold of 0.5
         assert result is not None
-        expected = 30 / (10 + 30) * (0.25 / 0.5)
+        expected = 30 / (20 + 30) * (0.25 / 0.5)
         assert result.factor == pytest.approx(expected)
         assert result.clock == 30
-        assert b.clock == pytest.approx(expected * 30 + (1 - expected) * 10)
+        assert b.clock == pytest.approx(expected * 30 + (1 - expected) * 20)
+
+
+def test_a_claimed_clock_is_bounded_by_max_clock_lead(make_cluster: Cluster) -> None:
+    config = make_cluster(2, interpolation="clock")
+    with Node(config, "w1") as a, Node(config, "w2") as b:
+        params = np.ones(10, np.float32)
+        a.update_send(params, loss=1.0, samples=10**9)  # a lies: a billion samples
+        b.clock = 0.0
+        result = pull_until(b, params)
+        ours = b.stats()
+        assert result.clock >= 10**9  # the claim, as received
+        assert result.factor <= 2 / 3 + 1e-9  # peer_clock counted as at most 2x ours
+        assert b.clock <= 2 * 10  # a few tries, each 1 sample and at most 2x ours
+        assert ours["clocks_bounded"] >= 1
 
 
 def test_nodes_start_in_any_order(make_cluster: Cluster) -> None:
@@ -220,7 +234,9 @@ def test_close_frees_the_port_within_a_second(two: tuple[Node, Node]) -> None:
 
 
 def test_a_node_restarted_under_the_same_name_is_used_again(make_cluster: Cluster) -> None:
-    config = make_cluster(2)
+    # The restarted peer's new parameters are a jump robust.clip would shrink; this is about
+    # the connection.
+    config = make_cluster(2, robust={"clip": False})
     with Node(config, "w2") as b:
         with Node(config, "w1") as a:
             a.update_send(np.full(4, 1.0, np.float32), 1.0)

@@ -41,7 +41,15 @@ def test_counters_follow_pulls_bytes_factor_age_and_scores(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Over TCP, so every parameter byte crosses the socket and is counted.
-    config = cluster(2, timeout_ms=10_000, constant={"value": 0.25}, transport="tcp")
+    # The clock math below is unbounded: a peer's clock of 10 against our 3 is beyond the
+    # default robust.max_clock_lead of 2.
+    config = cluster(
+        2,
+        timeout_ms=10_000,
+        constant={"value": 0.25},
+        transport="tcp",
+        robust={"max_clock_lead": 100.0},
+    )
     with Node(config, "w1", seed=1) as a, Node(config, "w2", seed=2) as b:
         start = a.stats()
         assert (start["pulls_ok"], start["pulls_failed"], start["pulls_timed_out"]) == (0, 0, 0)
