@@ -108,7 +108,11 @@ def test_stalled_requests_cannot_keep_honest_peers_from_their_pulls(
     port = config["nodes"][0]["port"]
     claimed = ["w2", "w1"] if with_auth else []
     try:
-        time.sleep(1.0)  # the nodes start and pull from each other
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"{n}.json.pulled").exists() for n in nodes):
+            assert time.monotonic() < deadline, "the nodes never pulled from each other"
+            assert all(p.poll() is None for p in nodes.values()), "a node died"
+            time.sleep(0.05)
         flood = subprocess.run(
             [
                 sys.executable,

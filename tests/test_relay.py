@@ -158,7 +158,10 @@ def test_a_relay_without_the_secret_gets_no_parameters_and_passes_none(
     }
     try:
         deadline = time.monotonic() + 60
-        while len(relay.attempts) < 2 * len(VARIANTS) and time.monotonic() < deadline:
+        pulled = [tmp_path / f"{name}.json.pulled" for name in values]
+        while time.monotonic() < deadline and (
+            len(relay.attempts) < 2 * len(VARIANTS) or not all(p.exists() for p in pulled)
+        ):
             assert all(p.poll() is None for p in procs.values()), "a victim died"
             time.sleep(0.1)
     finally:
@@ -172,7 +175,7 @@ def test_a_relay_without_the_secret_gets_no_parameters_and_passes_none(
     assert {d for d, _, _ in relay.attempts} == {"w1", "w3"}
     # No server sent the relay parameters, in the clear or in shared memory.
     assert params_headers(bytes(relay.from_servers)) == 0
-    for name, value in values.items():
+    for name in values:
         record = json.loads((tmp_path / f"{name}.json").read_text())
         accepted = record["accepted"]
         other = "w3" if name == "w1" else "w1"
@@ -281,5 +284,9 @@ def test_a_peer_of_the_old_version_gets_a_clear_refusal_and_no_parameters(
                 answer = old.recv(HEADER.size)
             assert answer[:4] in (b"DPWA", b"DPWH") and answer[4] == 2  # our version, no data
             assert b"\x00\x00\x80?" not in answer  # no float32 1.0 in it
+            deadline = time.monotonic() + 10
+            while node.stats()["rejected"] == 0:  # the refusal is logged as the node rejects
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             assert node.stats()["pulls_served"] == 0
     assert "version 1, this node speaks 2" in caplog.text

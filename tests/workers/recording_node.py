@@ -2,7 +2,8 @@
 
 Usage: recording_node.py CONFIG NAME VALUE SECONDS OUT.json
 
-It runs until the file OUT.json.stop exists, or SECONDS pass.
+It runs until the file OUT.json.stop exists, or SECONDS pass, and creates OUT.json.pulled once
+it has accepted 5 pulls.
 
 It never blends, so every value it accepted is in its record: the test checks that nothing an
 attacker sent is among them.
@@ -34,6 +35,8 @@ def main(config: str, name: str, value: float, seconds: float, out: str) -> None
                 accepted.append(
                     (result.peer, float(result.params.min()), float(result.params.max()))
                 )
+                if len(accepted) == 5:
+                    open(out + ".pulled", "w").close()
             time.sleep(0.01)
         stats = node.stats()
     with open(out, "w") as file:
