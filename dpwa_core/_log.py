@@ -75,8 +75,8 @@ class OncePerPeer:
 
     A hostile or broken peer that repeats the same mistake cannot flood the log, nor can one
     that makes a new mistake every time: a reason key is cut to 80 characters, at most 4096
-    keys are remembered, and at most 60 WARNING lines are logged per minute (the rest go to
-    DEBUG, and one line says that warnings are being held back).
+    keys are remembered, and at most 60 lines (warnings and :meth:`recovered` lines) are logged
+    per minute (the rest go to DEBUG, and one line says that they are being held back).
     """
 
     def __init__(self, logger: logging.Logger) -> None:
@@ -89,31 +89,40 @@ class OncePerPeer:
     def warning(self, peer: str, reason: str, message: str, *args: object) -> None:
         """Log ``message % args``; ``(peer, reason)`` decides whether it is a first."""
         key = (peer[:_MAX_REASON], reason[:_MAX_REASON])
-        held_back = False
         with self._lock:
             first = key not in self._seen
             if first:
                 if len(self._seen) >= _MAX_REMEMBERED:
                     self._seen.clear()
                 self._seen.add(key)
-                now = time.monotonic()
-                if now - self._window >= 60.0:
-                    self._window, self._warned = now, 0
-                self._warned += 1
-                if self._warned > _WARNINGS_PER_MINUTE:
-                    first = False
-                    held_back = self._warned == _WARNINGS_PER_MINUTE + 1
-        if held_back:
-            self._logger.warning(
-                "more than %d distinct rejections this minute; the rest are logged at DEBUG",
-                _WARNINGS_PER_MINUTE,
-            )
+                first = self._spend()
         self._logger.log(logging.WARNING if first else logging.DEBUG, message, *args)
+
+    def recovered(self, peer: str, message: str, *args: object) -> None:
+        """Log ``message % args`` at INFO (within the same per-minute budget) and forget
+        ``peer``'s reasons: its next failure is a first again."""
+        with self._lock:
+            self._seen = {key for key in self._seen if key[0] != peer[:_MAX_REASON]}
+            shown = self._spend()
+        self._logger.log(logging.INFO if shown else logging.DEBUG, message, *args)
 
     def forget(self, peer: str) -> None:
         """Forget ``peer``'s reasons (it recovered): its next failure is a first again."""
         with self._lock:
             self._seen = {key for key in self._seen if key[0] != peer[:_MAX_REASON]}
+
+    def _spend(self) -> bool:
+        """Take one line of this minute's budget (the lock is held); False when it is spent."""
+        now = time.monotonic()
+        if now - self._window >= 60.0:
+            self._window, self._warned = now, 0
+        self._warned += 1
+        if self._warned == _WARNINGS_PER_MINUTE + 1:
+            self._logger.warning(
+                "more than %d rejections this minute; the rest are logged at DEBUG",
+                _WARNINGS_PER_MINUTE,
+            )
+        return self._warned <= _WARNINGS_PER_MINUTE
 
 
 _VARIABLE = re.compile(

@@ -289,7 +289,8 @@ def client_handshake(
     except ConnectionError:
         raise ConnectionError(
             "the peer closed the connection at our handshake HELLO: a different dpwa release "
-            "(handshake version), or no auth there; its log says which"
+            "(handshake version), no auth there, or it made room for other connections; its "
+            "log says which"
         ) from None
     if first[:4] == MAGIC:  # a wire header: the server speaks no handshake
         rest = bytearray(HEADER.size - PREFIX.size)

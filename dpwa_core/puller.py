@@ -267,11 +267,14 @@ class Puller:
             self._peers.record_success(peer.name)
             failed = self._failing.pop(peer.name, 0)
             if failed:
-                # Say so once, and let the next outage warn again.
-                _log.info(
-                    "%s: %s answers again after %d failed pulls", self.name, peer.name, failed
+                # Say so once, and let the next outage warn again (within the log budget).
+                self._warn.recovered(
+                    peer.name,
+                    "%s: %s answers again after %d failed pulls",
+                    self.name,
+                    peer.name,
+                    failed,
                 )
-                self._warn.forget(peer.name)
             ticket.resolve(
                 Outcome.OK,
                 peer.name,

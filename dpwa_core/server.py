@@ -15,9 +15,10 @@ every later request must arrive whole within :data:`REQUEST_DEADLINE` of its fir
 both directions carries a tag (:class:`~dpwa_core.auth.MessageMac`).
 
 Connections are capped, in all and per source address. When a newcomer finds no room, a
-connection of the address holding the most is closed: one still opening, else one whose request
-has started but not arrived, else the one idle the longest, else the oldest being answered. So
-neither idle, slow nor stalled connections, from one address or many, can lock valid peers out.
+connection is closed: one still opening, else one whose request has started but not arrived,
+else the one idle the longest, else the oldest being answered; within each, first those of
+addresses where no configured node lives, then of the address holding the most. So neither
+idle, slow nor stalled connections, from one address or many, can lock valid peers out.
 """
 
 from __future__ import annotations
@@ -298,10 +299,12 @@ class Server:
     def _victim(self, host: str | None) -> _Connection | None:
         """The connection to close for a newcomer (the lock is held), or None.
 
-        From ``host`` when given (it holds its cap), else from the address holding the most
-        connections: one still opening (anyone can make them), else one whose request started
-        but did not arrive, else the longest idle, else the oldest being answered. A peer's
-        kept-alive connection is idle or answered, so stalling connections go first.
+        From ``host`` when given (it holds its cap), else from anyone: one still opening
+        (anyone can make them), else one whose request started but did not arrive, else the
+        longest idle, else the oldest being answered. Within each, addresses of no configured
+        node go first, then the address holding the most. A peer's kept-alive connection is
+        idle or answered and its openings are short, so stalling connections go first, from
+        one address or many.
         """
         conns = [c for c in self._conns if host is None or c.host == host]
         if not conns:
@@ -309,7 +312,8 @@ class Server:
         held: dict[str, int] = {}
         for c in self._conns:
             held[c.host] = held.get(c.host, 0) + 1
-        return min(conns, key=lambda c: (-held[c.host], c.state, c.since))
+        members = self._member_addresses
+        return min(conns, key=lambda c: (c.state, c.host in members, -held[c.host], c.since))
 
     def _serve(self, conn: _Connection) -> None:
         peer = conn.peer

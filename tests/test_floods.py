@@ -70,9 +70,14 @@ def test_thousands_of_distinct_bad_answers_leave_memory_and_log_bounded(
 
 
 @pytest.mark.parametrize(
-    ("with_auth", "source"),
-    [(False, "127.0.0.1"), (True, "127.0.0.1"), (False, "127.0.0.2")],
-    ids=["plain-same-host", "auth-same-host", "plain-other-host"],
+    ("with_auth", "source", "mode"),
+    [
+        (False, "127.0.0.1", "stall"),
+        (True, "127.0.0.1", "stall"),
+        (False, "127.0.0.2", "stall"),
+        (True, "127.0.1.1+400", "silent"),
+    ],
+    ids=["plain-same-host", "auth-same-host", "plain-other-host", "auth-400-hosts-silent"],
 )
 def test_stalled_requests_cannot_keep_honest_peers_from_their_pulls(
     make_cluster: Cluster,
@@ -80,6 +85,7 @@ def test_stalled_requests_cannot_keep_honest_peers_from_their_pulls(
     monkeypatch: pytest.MonkeyPatch,
     with_auth: bool,
     source: str,
+    mode: str,
 ) -> None:
     options: dict[str, Any] = {"timeout_ms": 1000, "transport": "tcp", "robust": {"clip": False}}
     if with_auth:
@@ -106,7 +112,8 @@ def test_stalled_requests_cannot_keep_honest_peers_from_their_pulls(
         for name in ("w1", "w2", "w3")
     }
     port = config["nodes"][0]["port"]
-    claimed = ["w2", "w1"] if with_auth else []
+    claimed = ["w2", "w1"] if with_auth and mode == "stall" else []
+    count = 400 if "+" in source else 300
     try:
         deadline = time.monotonic() + 60
         while not all((tmp_path / f"{n}.json.pulled").exists() for n in nodes):
@@ -120,9 +127,10 @@ def test_stalled_requests_cannot_keep_honest_peers_from_their_pulls(
                 "127.0.0.1",
                 str(port),
                 source,
-                "300",
+                str(count),
                 str(seconds),
                 "64",
+                mode,
                 *claimed,
             ],
             capture_output=True,
@@ -134,7 +142,7 @@ def test_stalled_requests_cannot_keep_honest_peers_from_their_pulls(
             (tmp_path / f"{name}.json.stop").touch()
         logs = {name: proc.communicate(timeout=30)[1] for name, proc in nodes.items()}
     assert flood.returncode == 0, flood.stderr[-2000:]
-    assert int(flood.stdout) >= 300  # every attacking connection was made at least once
+    assert int(flood.stdout) >= count  # every attacking connection was made at least once
     for name in ("w2", "w3"):
         record = json.loads((tmp_path / f"{name}.json").read_text())
         w1 = record["stats"]["peers"]["w1"]
