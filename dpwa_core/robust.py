@@ -9,10 +9,10 @@ published snapshot is clipped to a radius, ``peer <- local + min(1, radius / ||p
 sent. The radius is ``clip_scale`` times the median of the last ``clip_window`` distances
 ``||peer - local||`` (all of them, clipped or not: a minority of liars cannot move a median far,
 and the radius follows the honest distances as models converge or drift apart). Until the window
-is full the median is also capped by the norm of our own model, so the first pulls, before any
-history, cannot take more than ``clip_scale * ||local||``: models started from different random
-weights (about ``sqrt(2) * ||local||`` apart) still move toward each other, and a liar's first
-answer cannot wreck the model. The one exception is a model of exactly all zeros, which gives no
+is full the radius is also at most twice the norm of our own model, so the first pulls, before
+any history, cannot take more than ``2 * ||local||``: models started from different random
+weights (about ``sqrt(2) * ||local||`` apart) still blend fully, and a liar's first answer
+cannot wreck the model. The one exception is a model of exactly all zeros, which gives no
 scale: its pulls are bounded by the median alone (nothing before the first pull), so a liar that
 answers an all-zero node's very first pull moves it once, by ``factor * ||peer||``; from then on
 the model has a norm and the cap applies.
@@ -34,6 +34,8 @@ import numpy as np
 __all__ = ["Clipper", "RobustSettings", "distance_and_norm"]
 
 _CHUNK = 64 * 1024
+WARMUP_NORMS = 2.0
+"""Until the window is full, the radius is at most this many times the norm of our model."""
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -151,10 +153,10 @@ class Clipper:
         distance, norm = distance_and_norm(peer, local, self._scratch, norm=warming)
         if not math.isfinite(distance):
             return False
-        reference = statistics.median(self._distances) if self._distances else math.inf
+        median = statistics.median(self._distances) if self._distances else math.inf
+        radius = settings.clip_scale * median
         if warming and norm > 0:  # an all-zero model has no scale yet (see the module doc)
-            reference = min(reference, norm)
-        radius = settings.clip_scale * reference
+            radius = min(radius, WARMUP_NORMS * norm)
         self._distances.append(distance)
         self.radius = radius
         self.distance = distance

@@ -190,9 +190,10 @@ class TorchAdapter(Adapter):
         """Blend a peer's vector in place: each tensor ``t.lerp_(peer_slice, factor)``.
 
         A flattened module is blended as its one flat tensor; either way nothing model-sized is
-        allocated (the peer is viewed, not copied, when it is C-contiguous) and the blend runs
-        a cache-sized chunk at a time (:func:`dpwa_torch._blend.lerp_`): finite values never
-        blend into Inf or NaN, even where ``peer - local`` overflows float32. Float16 and
+        allocated (the peer is viewed, not copied, when it is C-contiguous), and finite values
+        never blend into Inf or NaN, even where ``peer - local`` overflows float32
+        (:func:`dpwa_torch._blend.lerp_`: the peer's values are bounded first, a chunk that
+        could overflow is blended in float64). Float16 and
         bfloat16 tensors are blended in float32 and clamped into their range.
 
         Args:
@@ -214,21 +215,22 @@ class TorchAdapter(Adapter):
         if record is not None:
             with torch.no_grad():
                 record.gather()
-                lerp_(record.flat, source, weight)
+                lerp_(record.flat, source, weight, peer)
                 record.scatter()
             return state
         with torch.no_grad():
             for tensor, start, stop, shape, inverse in plan.native_slices():
                 end = _native_view(source[start:stop], shape, inverse)
+                values = peer[start:stop]
                 if tensor.dtype in (torch.float32, torch.float64):
                     if end.dtype != tensor.dtype or end.device != tensor.device:
                         end = end.to(device=tensor.device, dtype=tensor.dtype)
-                    lerp_(tensor, end, weight)
+                    lerp_(tensor, end, weight, values)
                     continue
                 # Narrower dtypes blend in float32, then are clamped into their own range: a
                 # finite float32 peer value may not fit a float16 one.
                 blended = tensor.to(torch.float32)
-                lerp_(blended, end.to(device=tensor.device), weight)
+                lerp_(blended, end.to(device=tensor.device), weight, values)
                 info = torch.finfo(tensor.dtype)
                 tensor.copy_(blended.clamp_(info.min, info.max))
         return state

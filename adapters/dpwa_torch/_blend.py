@@ -4,16 +4,16 @@
 finite float32 ``a`` and ``b`` the only step that can overflow is ``b - a`` (both far out, of
 opposite signs: a peer sending -3e38 and +3e38), and the result is then Inf or NaN.
 
-:func:`lerp_` blends a chunk of 1 Mi elements at a time. On the CPU it first bounds the peer's
-chunk, while reading it into the cache for the blend: when the sum of its squares is finite (or
-its minimum and maximum lie within ``±2**64`` for strided views), every ``|b| < 2**64``, so
-``b - a`` cannot overflow for any finite ``a`` (``2**64`` is far below half a unit in the last
-place of the float32 maximum) and the chunk is blended in place by ``torch.lerp`` itself, bit
-for bit as before. A chunk that fails the bound (a peer's values beyond 1.8e19) is blended in
-float64 and rounded back. On other devices, where reading a bound back would wait for the
-device, every chunk is blended as halves, ``2 * lerp(a / 2, b / 2, w)``: the difference of the
-halves cannot overflow, and the result equals ``lerp(a, b, w)`` bit for bit wherever the halves
-are normal numbers.
+On the CPU, :func:`lerp_` first bounds the peer's values with numpy (the sum of squares of each
+block finite): then every ``|b| < 2**64``, so ``b - a`` cannot overflow for any finite ``a``
+(``2**64`` is far below half a unit in the last place of the float32 maximum), and the blend is
+one ``torch.lerp_`` over the whole tensor, bit for bit as before (one parallel region: many
+small torch calls cost a time slice each on a loaded machine). When the bound fails (a peer's
+values beyond 1.8e19), the tensor is blended a chunk of 1 Mi elements at a time: chunks within
+the bound by ``lerp_``, the others in float64, rounded back. On other devices, where reading a
+bound back would wait for the device, every chunk is blended as halves,
+``2 * lerp(a / 2, b / 2, w)``: the difference of the halves cannot overflow, and the result
+equals ``lerp(a, b, w)`` bit for bit wherever the halves are normal numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["lerp_"]
+__all__ = ["bounded", "lerp_"]
 
 _CHUNK = 1024 * 1024
 """Elements per chunk (4 MiB of float32)."""
@@ -32,13 +32,18 @@ _BOUND = 2.0**64
 """Peer values below this in magnitude cannot make ``peer - local`` overflow float32."""
 
 
-def lerp_(target: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
+def lerp_(
+    target: torch.Tensor, end: torch.Tensor, weight: float, values: np.ndarray | None = None
+) -> torch.Tensor:
     """``target.lerp_(end, weight)`` that never turns finite values into Inf or NaN.
 
     Args:
         target: a float32 or float64 tensor, blended in place (any shape and strides).
         end: a tensor of ``target``'s shape, dtype and device (the peer's values).
         weight: in ``[0, 1]``, already validated.
+        values: the peer's values as a 1-D float32 numpy array (any order), when at hand: if
+            they are all within ``±2**64`` (checked with numpy, a block at a time), a CPU blend
+            is one ``lerp_`` over the whole tensor, as fast as before; else chunk by chunk.
 
     Returns:
         ``target``.
@@ -47,6 +52,9 @@ def lerp_(target: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tenso
         return target  # inf * 0 would be NaN; taking nothing is exact
     if weight == 1:
         return target.copy_(end)
+    cpu = target.device.type == "cpu"
+    if cpu and (target.dtype == torch.float64 or (values is not None and bounded(values))):
+        return target.lerp_(end, weight)  # one pass, one parallel region: nothing can overflow
     if target.dim() == 0:
         target, end = target.view(1), end.view(1)
     if target.is_contiguous() and end.is_contiguous():
@@ -57,7 +65,6 @@ def lerp_(target: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tenso
     length = target.shape[dim]
     inner = max(1, target.numel() // length) if length else 1
     step = max(1, _CHUNK // inner)
-    cpu = target.device.type == "cpu"
     for start in range(0, length, step):
         size = min(step, length - start)
         part = target.narrow(dim, start, size)
@@ -69,6 +76,22 @@ def lerp_(target: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tenso
         else:
             _wide_(part, other, weight)
     return target
+
+
+def bounded(values: np.ndarray) -> bool:
+    """Whether every value of a 1-D float32 array lies strictly within ``±2**64``.
+
+    The sum of squares of a block is finite exactly when no value reaches ``2**64`` (or when
+    several add up past the float32 range, which only sends the blend the slow way).
+    """
+    if values.dtype != np.float32 or values.ndim != 1:
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, values.size, _CHUNK):
+            block = values[start : start + _CHUNK]
+            if not math.isfinite(float(np.dot(block, block))):
+                return False
+    return True
 
 
 def _bounded(values: torch.Tensor) -> bool:
