@@ -9,13 +9,14 @@ published snapshot is clipped to a radius, ``peer <- local + min(1, radius / ||p
 sent. The radius is ``clip_scale`` times the median of the last ``clip_window`` distances
 ``||peer - local||`` (all of them, clipped or not: a minority of liars cannot move a median far,
 and the radius follows the honest distances as models converge or drift apart). Until the window
-is full the radius is also at most twice the norm of our own model, so the first pulls, before
-any history, cannot take more than ``2 * ||local||``: models started from different random
-weights (about ``sqrt(2) * ||local||`` apart) still blend fully, and a liar's first answer
-cannot wreck the model. The one exception is a model of exactly all zeros, which gives no
-scale: its pulls are bounded by the median alone (nothing before the first pull), so a liar that
-answers an all-zero node's very first pull moves it once, by ``factor * ||peer||``; from then on
-the model has a norm and the cap applies.
+is full the radius is also at most ``clip_scale * ||local||``, so the first pulls, before any
+history, cannot move the model by more than ``factor * clip_scale * ||local||``: models started
+from different random weights (about ``sqrt(2) * ||local||`` apart) are shortened a little
+during the warm-up but still blend, and a liar's first answer cannot wreck the model. The one
+exception is a model of exactly all zeros, which gives no scale: its pulls are bounded by the
+median alone (nothing before the first pull), so a liar that answers an all-zero node's very
+first pull moves it once, by ``factor * ||peer||``; from then on the model has a norm and the
+cap applies.
 
 All arithmetic is chunked (one 64 Ki-element float32 scratch) and overflow-safe: a chunk whose
 float32 sum of squares overflows is summed again in float64, and a clipped vector is rewritten
@@ -34,8 +35,6 @@ import numpy as np
 __all__ = ["Clipper", "RobustSettings", "distance_and_norm"]
 
 _CHUNK = 64 * 1024
-WARMUP_NORMS = 2.0
-"""Until the window is full, the radius is at most this many times the norm of our model."""
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -156,7 +155,7 @@ class Clipper:
         median = statistics.median(self._distances) if self._distances else math.inf
         radius = settings.clip_scale * median
         if warming and norm > 0:  # an all-zero model has no scale yet (see the module doc)
-            radius = min(radius, WARMUP_NORMS * norm)
+            radius = min(radius, settings.clip_scale * norm)
         self._distances.append(distance)
         self.radius = radius
         self.distance = distance

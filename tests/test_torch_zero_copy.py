@@ -376,7 +376,9 @@ def test_cuda_modules_keep_the_copy_path(adapter: TorchAdapter) -> None:
 def test_two_zero_copy_nodes_average_over_loopback(
     adapter: TorchAdapter, make_cluster: Callable[..., dict[str, Any]]
 ) -> None:
-    config = make_cluster(2, timeout_ms=5000)
+    # Models from different random weights are ~1.4x their norm apart, which robust.clip's
+    # warm-up shortens; this test is about the zero-copy blend itself.
+    config = make_cluster(2, timeout_ms=5000, robust={"clip": False})
     trainer, peer, plain = mlp(0), mlp(1), mlp(0)
     start, theirs = adapter.to_flat(trainer), adapter.to_flat(peer)
     with (
