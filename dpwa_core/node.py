@@ -271,10 +271,7 @@ class Node:
             self._last_factor = factor
         self.clock = factor * peer_clock + (1 - factor) * self.clock
         assert self._puller is not None  # a ticket exists, so the puller was started
-        buffer = self._puller.buffer
-        if self._clipper is not None and factor > 0:
-            self._clip(buffer, ticket.peer)
-        params = buffer.view()
+        params = self._puller.buffer.view()  # already clipped, on the puller's thread
         params.flags.writeable = False
         return PullResult(
             params, factor, ticket.peer, ticket.peer_clock, ticket.peer_loss, ticket.elapsed
@@ -309,7 +306,11 @@ class Node:
         return bounded
 
     def _clip(self, buffer: np.ndarray, peer: str) -> None:
-        """Clip the receive buffer toward our published snapshot (robust.clip)."""
+        """Clip the receive buffer toward our latest published snapshot (robust.clip).
+
+        Runs on the puller's thread once an answer is in, so the training thread never pays
+        for the two passes over the model.
+        """
         assert self._clipper is not None and self._snapshots is not None
         with self._snapshots.pinned() as snapshot:
             if snapshot is None:
@@ -456,6 +457,8 @@ class Node:
     def _start(self, layout: Layout) -> None:
         self._layout = layout
         self._snapshots = SnapshotBuffer(layout.size, self._shared_segment(layout))
+        if self._robust.clip:
+            self._clipper = Clipper(self._robust, layout.size)
         self._puller = Puller(
             self.name,
             self._peers,
@@ -464,10 +467,9 @@ class Node:
             tls=self._client_tls,
             reject_nonfinite=self.config.reject_nonfinite,
             transport=self.config.transport,
+            on_received=self._clip if self._robust.clip else None,
         )
         self._server.set_source(layout, self._snapshots)
-        if self._robust.clip:
-            self._clipper = Clipper(self._robust, layout.size)
 
     def _shared_segment(self, layout: Layout) -> SharedSegment | None:
         """The segment for the snapshots when co-located peers may read them, else None."""

@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,6 +147,9 @@ class Puller:
         tls: a client TLS context to wrap every new connection in, or None.
         reject_nonfinite: refuse answers whose parameters hold NaN or Inf.
         transport: ``auto``, ``tcp`` or ``shm`` (see :class:`~dpwa_core.config.Config`).
+        on_received: called on the puller's thread with the receive buffer and the peer's name
+            once a pull's answer is in and valid, before the pull is handed out (the node clips
+            it there, see :mod:`dpwa_core.robust`).
     """
 
     def __init__(
@@ -158,8 +162,10 @@ class Puller:
         tls: ssl.SSLContext | None = None,
         reject_nonfinite: bool = True,
         transport: str = "auto",
+        on_received: Callable[[np.ndarray, str], object] | None = None,
     ) -> None:
         self.name = name
+        self._on_received = on_received
         self.transport = transport
         self.pulls_shm = 0
         """Pulls copied from a co-located peer's shared memory."""
@@ -264,6 +270,8 @@ class Puller:
             )
             ticket.resolve(Outcome.FAILED, peer.name)
         else:
+            if self._on_received is not None:
+                self._on_received(self.buffer, peer.name)
             self._peers.record_success(peer.name)
             failed = self._failing.pop(peer.name, 0)
             if failed:

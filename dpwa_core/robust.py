@@ -113,7 +113,7 @@ def shrink_toward(peer: np.ndarray, local: np.ndarray, scale: float) -> None:
 class Clipper:
     """The clipping state of one node: recent distances, the radius, the counts.
 
-    Not thread-safe: the node's training thread calls :meth:`clip`; :meth:`stats` reads plain
+    Not thread-safe: the node's puller thread calls :meth:`clip`; :meth:`stats` reads plain
     attributes.
 
     Args:
