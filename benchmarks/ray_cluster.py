@@ -71,7 +71,7 @@ def exchange(node: Node, folder: Path, seconds: float, size: int) -> dict[str, A
         if result is not None:
             pulls.setdefault(result.peer, []).append(time.time() - result.elapsed)
             durations.append(result.elapsed)
-            params += result.factor * (result.params - params)
+            result.blend_into(params)
         else:
             time.sleep(0.001)  # a peer down: don't spin
     return {"name": node.name, "ready": ready, "pulls": pulls, "durations": durations}

@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
             result = node.update_wait(1.0)
             waited = time.perf_counter() - start
             if result is not None:
-                params[:] += result.factor * (result.params - params)
+                result.blend_into(params)
             return waited
 
         warm_end = time.monotonic() + args.warmup

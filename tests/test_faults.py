@@ -100,7 +100,7 @@ class Trainer:
         self.last = result
         if result is not None:
             assert np.isfinite(result.params).all()
-            self.params += result.factor * (result.params - self.params)
+            result.blend_into(self.params)
         return result
 
     def until(self, done: Callable[[PullResult | None], bool], seconds: float = 60) -> int:

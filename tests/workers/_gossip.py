@@ -40,7 +40,7 @@ def gossip_until_all_done(
         node.update_send(params, 1.0)
         result = node.update_wait(1.0)
         if result is not None:
-            params += result.factor * (result.params - params)
+            result.blend_into(params)
         ok = node.stats()["pulls_ok"]
         if after_pull is not None:
             after_pull(ok)

@@ -68,7 +68,7 @@ def main() -> None:
             node.update_send(params, 1.0)
             result = node.update_wait(1.0)
             if result is not None:
-                params[:] += result.factor * (result.params - params)
+                result.blend_into(params)
 
     np.save(workdir / f"{name}.init.npy", flat())
     rounds = 0

@@ -94,7 +94,7 @@ def exchange(ctx: NodeContext, folder: str, victim: str, faulty: str) -> dict[st
             result = node.update_wait(1.0)
             if result is not None:
                 pulls += 1
-                params += result.factor * (result.params - params)
+                result.blend_into(params)
                 if ctx.name == victim and pulls == 5:
                     (shared / f"{ctx.name}.pid").write_text(str(os.getpid()))
             time.sleep(0.01)

@@ -23,7 +23,7 @@ def train(node: Node, ready: Path) -> None:
         node.update_send(params, 1.0)
         result = node.update_wait(1.0)
         if result is not None:
-            params += result.factor * (result.params - params)
+            result.blend_into(params)
             if not ready.exists():
                 ready.touch()
 
