@@ -6,17 +6,20 @@ Self-centered clipping (He, Karimireddy and Jaggi, "Byzantine-robust decentraliz
 self-centered clipping", 2022): before a pulled vector is blended, its difference to our own
 published snapshot is clipped to a radius, ``peer <- local + min(1, radius / ||peer - local||) *
 (peer - local)``, so one pull moves our model by at most ``factor * radius`` whatever the peer
-sent. The radius is ``clip_scale`` times the median of the last ``clip_window`` distances
-``||peer - local||`` (all of them, clipped or not: a minority of liars cannot move a median far,
-and the radius follows the honest distances as models converge or drift apart). Until the window
-is full the radius is also at most ``clip_scale * ||local||``, so the first pulls, before any
-history, cannot move the model by more than ``factor * clip_scale * ||local||``: models started
-from different random weights (about ``sqrt(2) * ||local||`` apart) are shortened a little
-during the warm-up but still blend, and a liar's first answer cannot wreck the model. The one
-exception is a model of exactly all zeros, which gives no scale: its pulls are bounded by the
-median alone (nothing before the first pull), so a liar that answers an all-zero node's very
-first pull moves it once, by ``factor * ||peer||``; from then on the model has a norm and the
-cap applies.
+sent. The radius is ``clip_scale`` times the median, over the peers, of each peer's median of
+its last ``clip_window`` distances ``||peer - local||`` (all of them, clipped or not): a
+minority of liars among the peers cannot move that median far however often they are pulled (a
+liar that answers promptly keeps a high flow-control score while honest peers that time out lose
+theirs, so a median over pulls could fill with its distances), and the radius follows the honest
+distances as models converge or drift apart. Until the window is full (``clip_window`` distances
+recorded in all) the radius is also at most ``clip_scale * ||local||``, so the first pulls,
+before any history, cannot move the model by more than ``factor * clip_scale * ||local||``:
+models started from different random weights (about ``sqrt(2) * ||local||`` apart) are shortened
+a little during the warm-up but still blend, and a liar's first answer cannot wreck the model.
+The one exception is a model of exactly all zeros, which gives no scale: its pulls are bounded
+by the median alone (nothing before the first pull), so a liar that answers an all-zero node's
+very first pull moves it once, by ``factor * ||peer||``; from then on the model has a norm and
+the cap applies.
 
 All arithmetic is chunked (one 64 Ki-element float32 scratch) and overflow-safe: a chunk whose
 float32 sum of squares overflows is summed again in float64, and a clipped vector is rewritten
@@ -123,7 +126,11 @@ class Clipper:
 
     def __init__(self, settings: RobustSettings, size: int) -> None:
         self.settings = settings
-        self._distances: collections.deque[float] = collections.deque(maxlen=settings.clip_window)
+        # Each peer's last distances: the radius is the median over peers of each one's median,
+        # so a liar counts as one peer however often it is pulled (a prompt liar keeps a high
+        # flow-control score while slow honest peers' scores fall).
+        self._by_peer: dict[str, collections.deque[float]] = {}
+        self._seen = 0  # distances recorded in all
         self._scratch = np.empty(min(size, _CHUNK), np.float32)
         self.radius: float | None = None
         """The radius of the last pull (None before the first)."""
@@ -148,15 +155,20 @@ class Clipper:
             ``reject_nonfinite: false``), which is left alone.
         """
         settings = self.settings
-        warming = len(self._distances) < settings.clip_window
+        warming = self._seen < settings.clip_window
         distance, norm = distance_and_norm(peer, local, self._scratch, norm=warming)
         if not math.isfinite(distance):
             return False
-        median = statistics.median(self._distances) if self._distances else math.inf
+        medians = [statistics.median(d) for d in self._by_peer.values()]
+        median = statistics.median(medians) if medians else math.inf
         radius = settings.clip_scale * median
         if warming and norm > 0:  # an all-zero model has no scale yet (see the module doc)
             radius = min(radius, settings.clip_scale * norm)
-        self._distances.append(distance)
+        recent = self._by_peer.get(name)
+        if recent is None:
+            recent = self._by_peer[name] = collections.deque(maxlen=settings.clip_window)
+        recent.append(distance)
+        self._seen += 1
         self.radius = radius
         self.distance = distance
         if distance <= radius:
