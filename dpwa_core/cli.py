@@ -147,6 +147,7 @@ def _check(args: argparse.Namespace) -> int:
         ("wire_dtype", config.wire_dtype),
         ("auth", f"shared secret from {config.auth.source}" if config.auth else "off"),
         ("tls", f"cert {config.tls.cert}, CA {config.tls.ca}" if config.tls else "off"),
+        ("robust", _robust_summary(config)),
     ]
     choice = config.choose_node(args.name) if args.name is not None else _node_if_set(config)
     if choice is not None:
@@ -231,3 +232,14 @@ _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _robust_summary(config: Config) -> str:
+    """One line on robust blending: clipping and the clock bound."""
+    robust = config.robust
+    clip = (
+        f"clip at {robust.clip_scale:g} x the median distance (window {robust.clip_window})"
+        if robust.clip
+        else "no clipping"
+    )
+    return f"{clip}; peer clocks within {robust.max_clock_lead:g}x ours"
