@@ -230,10 +230,6 @@ _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
 )
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _robust_summary(config: Config) -> str:
     """One line on robust blending: clipping and the clock bound."""
     robust = config.robust
@@ -243,3 +239,7 @@ def _robust_summary(config: Config) -> str:
         else "no clipping"
     )
     return f"{clip}; peer clocks within {robust.max_clock_lead:g}x ours"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
