@@ -171,7 +171,7 @@ class Config:
         if self.auth is not None and not isinstance(self.auth, AuthSettings):
             raise self._error("auth", f"must be an AuthSettings, got {hidden(self.auth)}")
         if not isinstance(self.robust, RobustSettings):
-            raise self._error("robust", f"must be a RobustSettings, got {self.robust!r}")
+            raise self._error("robust", f"must be a RobustSettings, got {_shown(self.robust)}")
         if self.tls is not None:
             if not isinstance(self.tls, TlsSettings):
                 raise self._error("tls", f"must be a TlsSettings, got {_shown(self.tls)}")
@@ -714,7 +714,7 @@ def _robust(value: Any, source: str) -> RobustSettings:
     _keys_of(value, "robust", _ROBUST_KEYS, example, source)
     clip = value.get("clip", True)
     if not isinstance(clip, bool):
-        raise ConfigError(f"{source}: key 'robust.clip' must be true or false, got {clip!r}.")
+        raise ConfigError(f"{source}: key 'robust.clip' must be true or false, got {_shown(clip)}.")
     numbers: dict[str, float] = {}
     for key, rule in (
         ("clip_scale", "a number >= 1, e.g. 1.0 (the radius is this many times the median)"),
@@ -722,15 +722,15 @@ def _robust(value: Any, source: str) -> RobustSettings:
     ):
         number = value.get(key, getattr(RobustSettings, key))
         if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ConfigError(f"{source}: key 'robust.{key}' must be {rule}; got {number!r}.")
+            raise ConfigError(f"{source}: key 'robust.{key}' must be {rule}; got {_shown(number)}.")
         if not (math.isfinite(number) and number >= 1):
-            raise ConfigError(f"{source}: key 'robust.{key}' must be {rule}; got {number!r}.")
+            raise ConfigError(f"{source}: key 'robust.{key}' must be {rule}; got {_shown(number)}.")
         numbers[key] = float(number)
     window = value.get("clip_window", RobustSettings.clip_window)
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 1024:
         raise ConfigError(
             f"{source}: key 'robust.clip_window' must be an integer 1..1024, e.g. 16; "
-            f"got {window!r}."
+            f"got {_shown(window)}."
         )
     return RobustSettings(clip, numbers["clip_scale"], window, numbers["max_clock_lead"])
 

@@ -235,9 +235,10 @@ class Node:
 
         With ``robust.max_clock_lead`` (default 2) the peer's clock counts between 1/lead and
         lead times ours, in the factor and in the clock update. With ``robust.clip`` (default on)
-        the received vector is first clipped toward this node's published snapshot:
-        ``peer = local + min(1, radius / ||peer - local||) * (peer - local)``, ``radius`` being
-        ``clip_scale`` times the median of recent distances (:mod:`dpwa_core.robust`).
+        the received vector is first clipped (on the puller's thread) toward this node's latest
+        published snapshot: ``peer = local + min(1, radius / ||peer - local||) * (peer -
+        local)``, ``radius`` being ``clip_scale`` times the median over peers of their recent
+        distances (:mod:`dpwa_core.robust`).
 
         Args:
             loss: the current training loss (after the step), used by loss-based strategies and

@@ -270,6 +270,7 @@ class Puller:
             )
             ticket.resolve(Outcome.FAILED, peer.name)
         else:
+            elapsed = time.monotonic() - start  # the transfer, not what on_received does
             if self._on_received is not None:
                 self._on_received(self.buffer, peer.name)
             self._peers.record_success(peer.name)
@@ -288,7 +289,7 @@ class Puller:
                 peer.name,
                 peer_clock=clock,
                 peer_loss=loss,
-                elapsed=time.monotonic() - start,
+                elapsed=elapsed,
             )
 
     def _exchange(self, peer: Peer, ticket: Ticket) -> tuple[float, float]:
