@@ -71,6 +71,9 @@ def main() -> None:
                 result.blend_into(params)
 
     np.save(workdir / f"{name}.init.npy", flat())
+    # Start together: a peer pulled before it was up scores 0.01 and, among three live peers,
+    # may never be picked again before the run ends (its pulls_served stays 0).
+    node.wait_for_peers(timeout=60)
     rounds = 0
     while not (workdir / "stop").exists():
         round_trip()
