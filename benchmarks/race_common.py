@@ -31,6 +31,7 @@ __all__ = [
     "Slowdown",
     "batches",
     "flat_size",
+    "init_gloo",
     "load_data",
     "load_spec",
     "make_model",
@@ -127,6 +128,26 @@ def make_optimizer(model: nn.Module, spec: dict[str, Any]) -> torch.optim.Optimi
     return torch.optim.SGD(model.parameters(), lr=float(spec["lr"]), momentum=0.9)
 
 
+def init_gloo(spec: dict[str, Any], rank: int) -> None:
+    """Join the run's torch.distributed gloo group (the store at ``hosts[0]:base_port``).
+
+    ``GLOO_SOCKET_IFNAME`` is ``spec.get("ifname", "eth0")``: the lab names each host's
+    interface eth0; a loopback run (``race.py --no-lab``) passes ``lo``.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = str(spec.get("ifname", "eth0"))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{spec['hosts'][0]}:{int(spec['base_port'])}",
+        rank=rank,
+        world_size=int(spec["world"]),
+        timeout=datetime.timedelta(seconds=120),
+    )
+
+
 def batches(
     x: np.ndarray, y: np.ndarray, batch_size: int, seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -198,6 +219,8 @@ class Recorder:
         self.blocked_s = 0.0
         self.recorded: list[dict[str, float]] = []
         self._next = 0
+        self.late_s = 0.0
+        """Seconds :meth:`wait_start` was called after ``start_at`` (0 when on time)."""
         self._path = os.path.join(spec["out"], f"rank{rank}-params.npy")
         self._rows = np.lib.format.open_memmap(
             self._path, mode="w+", dtype=np.float32, shape=(len(self.marks), flat_size(model))
@@ -208,6 +231,8 @@ class Recorder:
         delay = self.start_at - time.time()
         if delay > 0:
             time.sleep(delay)
+        else:
+            self.late_s = -delay
         self._record(time.time() - self.start_at)
 
     def running(self) -> bool:
@@ -248,7 +273,7 @@ class Recorder:
 
         Returns:
             The dict written: rank, system, variant, steps, wall (seconds from ``start_at``),
-            blocked_s, slowdown, recorded (row, mark, t, steps per recorded mark), extra.
+            blocked_s, late_s, slowdown, recorded (row, mark, t, steps per recorded mark), extra.
         """
         wall = time.time() - self.start_at
         self._record(wall)
@@ -260,6 +285,7 @@ class Recorder:
             "steps": self.steps,
             "wall": wall,
             "blocked_s": self.blocked_s,
+            "late_s": self.late_s,
             "slowdown": Slowdown(self.spec, self.rank).factor,
             "recorded": self.recorded,
             "extra": extra or {},
