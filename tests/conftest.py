@@ -79,3 +79,28 @@ def wait_files(
 def spread(params: np.ndarray) -> float:
     """Largest distance of a node's parameters (one row each) to the mean of all nodes'."""
     return float(np.linalg.norm(params - params.mean(axis=0), axis=1).max())
+
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Factory fixture for the network lab: ``lab(rates_mbit=[20, 20])`` returns a built
+    ``benchmarks.lab.Lab``, torn down after the test. Skips, with the reason, on a machine that
+    cannot build one (not root, no iproute2, network namespaces forbidden)."""
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.lab import Lab, lab_available
+
+    ok, reason = lab_available()
+    if not ok:
+        pytest.skip(f"network lab unavailable: {reason}")
+
+    def build(rates_mbit: list[float] | None = None, **options: Any) -> Lab:
+        options.setdefault("name", "pytest")
+        made = Lab(rates_mbit=rates_mbit or [100.0, 100.0], **options)
+        request.addfinalizer(made.close)
+        return made
+
+    return build
