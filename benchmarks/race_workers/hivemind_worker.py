@@ -22,6 +22,13 @@ blocked_s of a step: the wall time of ``opt.step()`` minus the time the wrapped 
 optimizer's own ``step`` took inside it (measured by wrapping that method), i.e. progress
 reports, waiting for a background averaging round to land, applying its result and any
 ``load_state_from_peers`` hivemind decides to run.
+
+Behaviour worth knowing when reading the results (hivemind 1.1.12): with local updates and
+background state averaging, every ``opt.step()`` after an epoch boundary waits for that epoch's
+averaging round (at least ``matchmaking_time`` of matchmaking, then the all-reduce), and the
+progress tracker extrapolates each peer's samples at its last measured speed while it is
+blocked, so on a small fast model the swarm declares a new epoch soon after every round and
+spends most of its time blocked. ``options.target_batch_size`` changes the cadence.
 """
 
 from __future__ import annotations
