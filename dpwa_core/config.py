@@ -5,8 +5,10 @@ A config is a YAML mapping::
     nodes:
       - {name: w1, host: localhost, port: 45000}
       - {name: w2, host: localhost, port: 45001}
-    pull_probability: 1.0      # chance of pulling from a peer after each step
-    timeout_ms: 2500           # socket timeout; also drives flow control
+    pull_probability: 1.0      # chance of starting a pull at a step when none is in flight
+    timeout_ms: 2500           # socket timeout (a silent peer); also drives flow control
+    blocking: false            # Gossip.step never waits for a pull (true: the seed's way)
+    start: shared              # nodes start from one model (own: each from its own weights)
     interpolation: constant    # an installed strategy: see `dpwa plugins`
     divergence_threshold: 0    # 0 disables
     constant: {value: 0.5}     # options of a strategy, one section per strategy name
@@ -55,6 +57,7 @@ from dpwa_core.tls import TlsSettings, server_context
 __all__ = [
     "MAX_CONFIG_BYTES",
     "NODE_ENV",
+    "STARTS",
     "TRANSPORTS",
     "WIRE_DTYPES",
     "Config",
@@ -70,11 +73,15 @@ _SETTINGS = (
     "reject_nonfinite",
     "transport",
     "wire_dtype",
+    "blocking",
+    "start",
 )
 TRANSPORTS = ("auto", "tcp", "shm")
 """Values of ``transport``: shared memory with co-located peers when possible, or one path."""
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 """Values of ``wire_dtype``: the element type this node sends parameters as over TCP."""
+STARTS = ("shared", "own")
+"""Values of ``start``: one model copied from a peer when joining, or each node its own."""
 _TOP_LEVEL = ("nodes", *_SETTINGS, "auth", "tls", "robust")
 _AUTH_KEYS = ("secret_env", "secret_file", "allow_readable_secret_file")
 _TLS_KEYS = ("cert", "key", "ca", "check_hostname")
@@ -129,6 +136,12 @@ class Config:
         transport: ``auto`` (shared memory with peers on this host, TCP otherwise), ``tcp``
             or ``shm`` (shared memory only; peers elsewhere cannot be pulled).
         wire_dtype: ``float32``, ``float16`` or ``bfloat16``: what this node sends over TCP.
+        blocking: whether ``Gossip.step`` / ``Node.step`` (and the Keras callback) wait for each
+            pull, as the seed did; by default they never wait and blend each pull at the first
+            step after it lands.
+        start: ``shared`` (a node copies a live peer's model before its own is pulled; the first
+            node up starts the cluster's model) or ``own`` (every node keeps its own starting
+            weights, as the seed did).
         auth: the shared secret every connection must prove, or None (trusted networks only).
         tls: certificate, key and CA for mutual TLS, or None for plain TCP.
         robust: how far a peer may move our model and clock in one pull (docs/CONFIG.md).
@@ -148,6 +161,8 @@ class Config:
     reject_nonfinite: bool = True
     transport: str = "auto"
     wire_dtype: str = "float32"
+    blocking: bool = False
+    start: str = "shared"
     auth: AuthSettings | None = None
     tls: TlsSettings | None = None
     robust: RobustSettings = field(default_factory=RobustSettings)
@@ -160,11 +175,11 @@ class Config:
         set_(self, "timeout_ms", self._number("timeout_ms", lambda v: v > 0))
         set_(self, "divergence_threshold", self._number("divergence_threshold", lambda v: v >= 0))
         set_(self, "methods", self._checked_methods())
-        if not isinstance(self.reject_nonfinite, bool):
-            raise self._error(
-                "reject_nonfinite", f"must be true or false, got {_shown(self.reject_nonfinite)}"
-            )
-        for key, allowed in (("transport", TRANSPORTS), ("wire_dtype", WIRE_DTYPES)):
+        for key in ("reject_nonfinite", "blocking"):
+            if not isinstance(getattr(self, key), bool):
+                raise self._error(key, f"must be true or false, got {_shown(getattr(self, key))}")
+        choices = (("transport", TRANSPORTS), ("wire_dtype", WIRE_DTYPES), ("start", STARTS))
+        for key, allowed in choices:
             value = getattr(self, key)
             if value not in allowed:
                 raise self._error(key, f"must be one of {', '.join(allowed)}; got {_shown(value)}")

@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
+import numpy as np
+
 from dpwa_core.adapters import Adapter, detect_adapter, get_adapter
 from dpwa_core.config import Config
 from dpwa_core.node import Node, PullResult
@@ -20,13 +22,17 @@ State = TypeVar("State")
 
 
 class Gossip(Generic[State]):
-    """A model joined to a cluster: publish before a step, interpolate after it.
+    """A model joined to a cluster: call :meth:`step` after each optimizer step.
 
     Made by :func:`connect`; use it as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, node: Node, adapter: Adapter, state: State) -> None:
+    def __init__(
+        self, node: Node, adapter: Adapter, state: State, *, blocking: bool | None = None
+    ) -> None:
         self.node = node
+        self.blocking = node.config.blocking if blocking is None else blocking
+        """Whether :meth:`step` waits for each pull (the config's ``blocking`` by default)."""
         """The underlying :class:`~dpwa_core.node.Node` (stats, peers, clock)."""
         self.adapter = adapter
         """The framework adapter mapping the model to the flat buffer."""
@@ -35,8 +41,47 @@ class Gossip(Generic[State]):
         self.last: PullResult | None = None
         """The last successful pull (peer, factor, clocks), or None."""
 
+    def step(self, loss: float, state: State | None = None, *, samples: int = 1) -> State:
+        """Gossip once, after the optimizer step: blend a landed pull, publish, pull on.
+
+        Never waits for the network (unless :attr:`blocking`): a pull that landed since the
+        last call is blended into the model as it is now, the model is copied for peers only
+        if one asked since the last copy, and the next pull starts when none is in flight. So
+        the training loop runs at compute speed whatever the link; :attr:`last` tells which
+        peer was blended and how many steps behind its snapshot was (``steps_behind``).
+        With :attr:`blocking` it publishes, waits for the pull (at most ``timeout_ms``) and
+        blends, as :meth:`update_send` then :meth:`update_wait` do.
+
+        Args:
+            loss: the training loss of this step.
+            state: the model state; defaults to :attr:`state`.
+            samples: training samples in this step (advances the clock).
+
+        Returns:
+            The model state: PyTorch modules and Keras models are updated in place; frameworks
+            with immutable state (JAX) return a new one, so write
+            ``params = gossip.step(loss, params)``.
+        """
+        if state is not None:
+            self.state = state
+        node = self.node
+        if self.blocking:
+            node.publish(self._fill, loss, samples=samples)
+            node.start_pull(blocking=True)
+        result = node.collect(loss, wait=self.blocking)
+        if result is not None:
+            self.last = result
+            self.state = self.adapter.interpolate(self.state, result.params, result.factor)
+        if not self.blocking:
+            node.publish(self._fill, loss, samples=samples, lazy=True)
+            node.start_pull()
+        return self.state
+
     def update_send(self, loss: float, state: State | None = None, *, samples: int = 1) -> None:
-        """Publish the model's current parameters and maybe start a pull.
+        """Publish the model's current parameters and maybe start a pull (blocking API).
+
+        Kept for loops written for the seed's two calls; :meth:`step` is the one call that
+        never waits.
 
         Args:
             loss: the current training loss.
@@ -45,15 +90,13 @@ class Gossip(Generic[State]):
         """
         if state is not None:
             self.state = state
-        current = self.state
-        layout = self.node.layout
-        assert layout is not None  # connect() gives the node its layout up front
-        self.node._update_send(
-            layout.size, lambda out: self.adapter.to_flat(current, out=out), loss, samples
-        )
+        self.node.publish(self._fill, loss, samples=samples)
+        self.node.start_pull(blocking=True)
 
     def update_wait(self, loss: float, state: State | None = None) -> State:
         """Wait for the pull and interpolate the peer's parameters into the model.
+
+        Waits at most ``timeout_ms`` from the pull's start.
 
         Args:
             loss: the training loss after the step.
@@ -66,11 +109,14 @@ class Gossip(Generic[State]):
         """
         if state is not None:
             self.state = state
-        result = self.node.update_wait(loss)
+        result = self.node.collect(loss, wait=True)
         if result is not None:
             self.last = result
             self.state = self.adapter.interpolate(self.state, result.params, result.factor)
         return self.state
+
+    def _fill(self, out: np.ndarray) -> None:
+        self.adapter.to_flat(self.state, out=out)
 
     def callback(self, **options: Any) -> object:
         """Return the framework's training callback that gossips around every batch.
@@ -109,6 +155,7 @@ def connect(
     *,
     seed: int | None = None,
     zero_copy: bool = True,
+    blocking: bool | None = None,
 ) -> Gossip[State]:
     """Start a node for ``model`` and return the handle the training loop calls.
 
@@ -128,6 +175,8 @@ def connect(
             model on the CPU gets its float32 parameters as views into one flat buffer, so
             publishing is one memcpy and interpolating one pass (docs/ADAPTERS.md). False
             leaves the model's tensors where they are.
+        blocking: whether :meth:`Gossip.step` waits for each pull; None takes the config's
+            ``blocking`` (false by default: it never waits).
 
     Returns:
         A :class:`Gossip` handle.
@@ -139,9 +188,8 @@ def connect(
     Example:
         >>> gossip = dpwa_core.connect(model, "cluster.yaml", "w1")   # doctest: +SKIP
         >>> for x, y in batches:                                      # doctest: +SKIP
-        ...     gossip.update_send(loss)
-        ...     loss = train_step(model, x, y)
-        ...     gossip.update_wait(loss)
+        ...     loss = train_step(model, x, y)   # forward, backward, optimizer step
+        ...     gossip.step(loss, samples=len(x))
     """
     adapter = get_adapter(framework) if framework is not None else detect_adapter(model)
     node = Node(config, name, layout=adapter.layout(model), seed=seed)
@@ -150,4 +198,4 @@ def connect(
     except BaseException:
         node.close()
         raise
-    return Gossip(node, adapter, model)
+    return Gossip(node, adapter, model, blocking=blocking)

@@ -42,11 +42,14 @@ from dpwa_core.server import Server
 from dpwa_core.shm import SharedSegment
 from dpwa_core.snapshot import SnapshotBuffer
 from dpwa_core.tls import client_context, server_context
+from dpwa_core.wire import transfer_deadline
 from dpwa_core.wire_dtype import wire_dtype
 
 __all__ = ["Node", "PullResult"]
 
 _log = get_logger("node")
+_JOIN_RETRY = 0.02  # seconds between join rounds that found no model
+_JOIN_PATIENCE = 30.0  # seconds after which a joining node starts its own model anyway
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,12 @@ class PullResult:
     """The peer's loss when it published the snapshot."""
     elapsed: float
     """Seconds from sending the request to the last byte of the answer."""
+    steps_behind: int = 0
+    """Training steps this node took between requesting the snapshot and blending it: how
+    stale the peer's parameters are against ours (0 for a blocking pull)."""
+    joined: bool = False
+    """The pull was this node's catch-up copy (``start: shared``): factor 1, the peer's clock
+    taken as ours."""
 
     def blend_into(self, params: np.ndarray) -> np.ndarray:
         """Blend the peer's parameters into ``params`` in place and return ``params``.
@@ -158,6 +167,15 @@ class Node:
         self._warn = OncePerPeer(_log)
         self._last_factor: float | None = None
         self._last_age: float | None = None
+        self._last_behind: int | None = None
+        self._steps = 0  # publish calls: one per training step
+        self._blocked = 0.0  # seconds the training thread waited for pulls
+        # Who this node's model came from: None while it joins (start: shared), else the peer
+        # it copied, or its own name when its weights started the cluster's model.
+        self._joined_from: str | None = None if self.config.start == "shared" else self.name
+        self._join_started = time.monotonic()
+        self._join_next = 0.0  # when the next join round may start
+        self._join_patience = max(_JOIN_PATIENCE, 4 * self.config.timeout)
         self._lock = threading.Lock()
         self._closed = False
         self._warned_loss = False
@@ -204,11 +222,11 @@ class Node:
         return self._layout
 
     def update_send(self, params: np.ndarray, loss: float, *, samples: int = 1) -> None:
-        """Publish ``params``, advance the clock, and maybe start a pull.
+        """Publish ``params``, advance the clock, and maybe start a pull (blocking API).
 
         The parameters are copied: the caller may change ``params`` as soon as this returns.
-        With probability ``pull_probability`` an asynchronous pull from a peer starts; collect
-        it with :meth:`update_wait`.
+        With probability ``pull_probability`` a pull from a peer starts; collect it with
+        :meth:`update_wait`, which waits for it. :meth:`step` is the call that never waits.
 
         Args:
             params: 1-D float32 array of the node's parameters.
@@ -219,19 +237,16 @@ class Node:
             TypeError: ``params`` is not a 1-D float32 numpy array.
             ValueError: ``params`` does not match the node's layout.
         """
-        if not isinstance(params, np.ndarray) or params.dtype != np.float32 or params.ndim != 1:
-            raise TypeError(
-                f"{self.name}: update_send expects a 1-D float32 numpy array, got "
-                f"{_describe(params)}; flatten it and call .astype(np.float32)"
-            )
-        self._update_send(params.size, lambda out: np.copyto(out, params), loss, samples)
+        self.publish(params, loss, samples=samples)
+        self.start_pull(blocking=True)
 
     def update_wait(self, loss: float) -> PullResult | None:
         """Wait for the pull that :meth:`update_send` started, and compute its factor.
 
-        On success the node's clock becomes ``f * peer_clock + (1 - f) * clock``. The caller
-        applies ``local = (1 - f) * local + f * result.params`` to its model, with
-        :meth:`PullResult.blend_into` (overflow-safe, in place).
+        Returns within ``timeout_ms`` of the pull's start whatever the peers do. On success the
+        node's clock becomes ``f * peer_clock + (1 - f) * clock``. The caller applies ``local =
+        (1 - f) * local + f * result.params`` to its model, with :meth:`PullResult.blend_into`
+        (overflow-safe, in place).
 
         With ``robust.max_clock_lead`` (default 2) the peer's clock counts between 1/lead and
         lead times ours, in the factor and in the clock update. With ``robust.clip`` (default on)
@@ -246,17 +261,193 @@ class Node:
 
         Returns:
             The peer's snapshot and the factor, or None when no pull was started, it failed, or
-            no peer answered within ``timeout_ms`` of the pull's start.
+            no peer answered within ``timeout_ms`` of the pull's start. While the node joins
+            (``start: shared``) the result is a peer's model with factor 1 (``joined``).
+
+        Raises:
+            InterpolationError: the strategy returned NaN or a factor outside [0, 1].
+        """
+        return self.collect(loss, wait=True)
+
+    def step(self, params: np.ndarray, loss: float, *, samples: int = 1) -> PullResult | None:
+        """Gossip once per training step, after the optimizer step, without waiting.
+
+        Blends a pull that has landed since the last call into ``params`` (in place, against
+        the model as it is now), publishes ``params`` if a peer asked for them since the last
+        publish, and starts the next pull when none is in flight. So a pull runs under as many
+        steps as the link needs, at most one is in flight, and the pull rate follows the link.
+        With ``blocking: true`` in the config this publishes, pulls and waits like
+        :meth:`update_send` then :meth:`update_wait`, and blends.
+
+        Args:
+            params: the node's writable 1-D float32 parameters.
+            loss: the training loss of this step.
+            samples: training samples in this step; the clock advances by this much.
+
+        Returns:
+            The pull that was blended (its ``factor``, ``peer`` and ``steps_behind``), or None.
+
+        Raises:
+            TypeError: ``params`` is not a 1-D float32 numpy array.
+            ValueError: ``params`` does not match the node's layout, or is read-only.
+        """
+        _check_flat(self.name, params, "step")
+        if self.config.blocking:
+            self.publish(params, loss, samples=samples)
+            self.start_pull(blocking=True)
+            result = self.collect(loss, wait=True)
+            if result is not None:
+                result.blend_into(params)
+            return result
+        result = self.collect(loss)
+        if result is not None:
+            result.blend_into(params)
+        self.publish(params, loss, samples=samples, lazy=True)
+        self.start_pull()
+        return result
+
+    def publish(
+        self,
+        params: np.ndarray | Callable[[np.ndarray], object],
+        loss: float,
+        *,
+        samples: int = 1,
+        lazy: bool = False,
+    ) -> bool:
+        """Advance the clock by ``samples`` and make ``params`` the snapshot peers pull.
+
+        Args:
+            params: 1-D float32 parameters (copied), or ``fill(out)``, a function that writes
+                the parameters into the node's ``layout.size``-element buffer ``out`` (how
+                adapters publish without a temporary).
+            loss: the current training loss, sent to peers with the snapshot.
+            samples: training samples since the last call.
+            lazy: copy only when a peer asked for the snapshot since the last publish (or
+                nothing was published yet), so a model nobody pulls costs no copy.
+
+        Returns:
+            Whether a snapshot was written. Nothing is while the node joins (``start:
+            shared``): peers must not blend its starting weights; nor when a slow send still
+            holds the spare buffer (counted as ``snapshots_skipped``).
+
+        Raises:
+            TypeError: ``params`` is neither a 1-D float32 array nor callable.
+            ValueError: ``params`` does not match the node's layout.
+            RuntimeError: the node is closed, or ``params`` is a function and the node has no
+                layout yet.
+        """
+        if self._closed:
+            raise RuntimeError(f"{self.name}: publish on a closed node")
+        if callable(params):
+            if self._layout is None:
+                raise RuntimeError(
+                    f"{self.name}: publish with a function needs the node's layout; give Node a "
+                    "layout, or publish an array first"
+                )
+            size, fill = self._layout.size, params
+        else:
+            _check_flat(self.name, params, "update_send")
+            array = params
+            size, fill = array.size, lambda out: np.copyto(out, array)
+        if self._layout is None:
+            self._start(Layout.flat(size))
+        assert self._layout is not None and self._snapshots is not None
+        if size != self._layout.size:
+            raise ValueError(
+                f"{self.name}: got {size} parameters, the node's layout has "
+                f"{self._layout.size} ({self._layout.describe()})"
+            )
+        self.loss = float(loss)
+        if not math.isfinite(self.loss) and not self._warned_loss:
+            self._warned_loss = True
+            _log.warning(
+                "%s: loss is %s; peers refuse this node's snapshots until it is finite",
+                self.name,
+                self.loss,
+            )
+        self.clock += samples
+        self._steps += 1
+        self._snapshots.lazy = lazy
+        if self._joined_from is None or (lazy and not self._snapshots.wanted):
+            return False
+        return self._snapshots.publish(fill, self.clock, self.loss)
+
+    def start_pull(self, *, blocking: bool = False) -> bool:
+        """Start a pull from a peer unless one is in flight; collect it with :meth:`collect`.
+
+        Starts one with probability ``pull_probability``. While the node joins (``start:
+        shared``) it starts a join round instead, whatever ``pull_probability``: the peers are
+        asked in turn for a model to copy.
+
+        Args:
+            blocking: the caller will wait for the pull, so it must end within ``timeout_ms``
+                (the seed's contract). Otherwise it may take as long as the link needs: it is
+                given up only when the peer sends nothing for ``timeout_ms``, or slower than
+                :data:`~dpwa_core.wire.MIN_TRANSFER_RATE`.
+
+        Returns:
+            Whether a pull started.
+        """
+        if self._closed or self._puller is None or self._layout is None:
+            return False
+        pending = self._pending
+        if pending is not None:
+            return False  # at most one in flight; collect() hands it out
+        names = self._peers.names()
+        if not names:
+            return False
+        now = time.monotonic()
+        if blocking:
+            deadline = now + self.config.timeout
+        else:
+            deadline = transfer_deadline(now, self._layout.size * 4, self.config.timeout)
+        # The request's loss is informational; keep it finite so peers accept the request.
+        request_loss = self.loss if math.isfinite(self.loss) else 0.0
+        if self._joined_from is None:
+            if now < self._join_next:
+                return False
+            order = [n.name for n in self.config.nodes if n.name in names]
+            join = (*order, *(n for n in names if n not in order))
+            self._pending = Ticket(deadline, self.clock, request_loss, join=join, step=self._steps)
+        elif self._rng.random() < self.config.pull_probability:
+            self._pending = Ticket(deadline, self.clock, request_loss, step=self._steps)
+        else:
+            return False
+        self._puller.submit(self._pending)
+        return True
+
+    def collect(self, loss: float, *, wait: bool = False) -> PullResult | None:
+        """Hand out the pull that :meth:`start_pull` started, once it has landed.
+
+        Args:
+            loss: the current training loss, used by loss-based strategies and the divergence
+                rule.
+            wait: wait for the pull (until its deadline); otherwise return None at once while
+                it is still running.
+
+        Returns:
+            The peer's snapshot and the factor to blend it with (see :meth:`update_wait`), or
+            None: no pull, still running, failed, or timed out.
 
         Raises:
             InterpolationError: the strategy returned NaN or a factor outside [0, 1].
         """
         self.loss = float(loss)
-        ticket, self._pending = self._pending, None
+        ticket = self._pending
         if ticket is None:
             return None
-        if not ticket.done.wait(max(0.0, ticket.deadline - time.monotonic())):
-            ticket.resolve(Outcome.TIMED_OUT, ticket.peer)
+        remaining = ticket.deadline - time.monotonic()
+        if not ticket.done.is_set():
+            if not wait and remaining > 0:
+                return None
+            began = time.monotonic()
+            ticket.done.wait(max(0.0, remaining))
+            self._blocked += time.monotonic() - began
+            if not ticket.done.is_set():
+                ticket.resolve(Outcome.TIMED_OUT, ticket.peer)
+        self._pending = None
+        if ticket.join:
+            return self._joined(ticket, self._steps - ticket.step + (0 if wait else 1))
         if ticket.outcome is not Outcome.OK:
             self._count(ticket.outcome)
             return None
@@ -267,16 +458,58 @@ class Node:
         if threshold > 0 and self.loss < threshold:
             # Near convergence, take less from peers so models can settle (the seed's rule).
             factor *= max(self.loss, 0.0) / threshold
+        # A non-blocking collect runs at the start of a step, before that step's publish: the
+        # model has trained one step more than the count says.
+        behind = self._steps - ticket.step + (0 if wait else 1)
         with self._lock:
             self._last_age = ticket.peer_clock - self.clock
             self._last_factor = factor
+            self._last_behind = behind
         self.clock = factor * peer_clock + (1 - factor) * self.clock
+        return self._result(ticket, factor, behind)
+
+    def _result(self, ticket: Ticket, factor: float, behind: int) -> PullResult:
         assert self._puller is not None  # a ticket exists, so the puller was started
         params = self._puller.buffer.view()  # already clipped, on the puller's thread
         params.flags.writeable = False
         return PullResult(
-            params, factor, ticket.peer, ticket.peer_clock, ticket.peer_loss, ticket.elapsed
+            params,
+            factor,
+            ticket.peer,
+            ticket.peer_clock,
+            ticket.peer_loss,
+            ticket.elapsed,
+            behind,
+            joined=ticket.join != () and ticket.outcome is Outcome.OK,
         )
+
+    def _joined(self, ticket: Ticket, behind: int) -> PullResult | None:
+        """Finish a join round: copy the peer's model, start the cluster's, or ask again."""
+        now = time.monotonic()
+        if ticket.outcome is Outcome.OK:
+            self._joined_from = ticket.peer
+            self.clock = ticket.peer_clock
+            _log.info(
+                "%s joined the cluster: copied %s's model (clock %g)",
+                self.name,
+                ticket.peer,
+                ticket.peer_clock,
+            )
+            return self._result(ticket, 1.0, behind)
+        mine = [n.name for n in self.config.nodes].index(self.name)
+        before = {n.name for n in self.config.nodes[:mine]}
+        waited = now - self._join_started
+        if ticket.outcome is Outcome.NOT_READY and not ticket.alive & before:
+            self._seed("no peer before it in the config is up with a model yet")
+        elif waited > self._join_patience:
+            self._seed(f"no peer gave it a model within {waited:.0f} s")
+        else:
+            self._join_next = now + _JOIN_RETRY
+        return None
+
+    def _seed(self, why: str) -> None:
+        self._joined_from = self.name
+        _log.info("%s starts the cluster's model from its own weights: %s", self.name, why)
 
     def _bounded_clock(self, peer: str, claimed: float) -> float:
         """The peer's clock, between ``1/max_clock_lead`` and ``max_clock_lead`` times ours.
@@ -398,6 +631,11 @@ class Node:
             that found the peer up but not publishing yet; not counted as failed), ``pulls_shm`` and
             ``served_shm`` (pulls and answers through shared memory, counted in the totals too),
             ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock``,
+            ``steps`` (publish calls: one per training step), ``snapshots_published`` (model
+            copies made for peers), ``blocked_s`` (seconds the training thread waited for
+            pulls), ``last_steps_behind`` (steps between requesting and blending the last
+            pull), ``joined_from`` (the peer whose model this node copied when it joined, its
+            own name when its weights started the cluster's model, None while it joins),
             ``scores`` (each peer's flow-control score) and ``peers`` (per peer: ``score`` and
             its ``ok``, ``failed``, ``timed_out`` and ``clipped`` pull counts); and from the
             ``robust`` section: ``pulls_clipped`` (pulls whose vector was clipped toward ours),
@@ -424,6 +662,11 @@ class Node:
         stats["served_shm"] = self._server.served_shm
         stats["snapshots_skipped"] = self._snapshots.skipped if self._snapshots else 0
         stats["clock"] = self.clock
+        stats["steps"] = self._steps
+        stats["snapshots_published"] = self._snapshots.published if self._snapshots else 0
+        stats["blocked_s"] = self._blocked
+        stats["last_steps_behind"] = self._last_behind
+        stats["joined_from"] = self._joined_from
         stats["scores"] = self._peers.scores()
         peers = self._peers.counts()
         clipped = dict(clipper.by_peer) if clipper else {}
@@ -456,6 +699,8 @@ class Node:
         return f"Node({self.name!r}, {host}:{port}, clock={self.clock:g})"
 
     def _start(self, layout: Layout) -> None:
+        if self._joined_from is None and not self._peers.names():
+            self._seed("it has no peers")
         self._layout = layout
         self._snapshots = SnapshotBuffer(layout.size, self._shared_segment(layout))
         if self._robust.clip:
@@ -469,6 +714,7 @@ class Node:
             reject_nonfinite=self.config.reject_nonfinite,
             transport=self.config.transport,
             on_received=self._clip if self._robust.clip else None,
+            idle=self.config.timeout,
         )
         self._server.set_source(layout, self._snapshots)
 
@@ -486,40 +732,6 @@ class Node:
                 exc,
             )
             return None
-
-    def _update_send(
-        self, size: int, fill: Callable[[np.ndarray], object], loss: float, samples: int
-    ) -> None:
-        """Publish what ``fill`` writes into a ``size``-element buffer; maybe start a pull."""
-        if self._closed:
-            raise RuntimeError(f"{self.name}: update_send on a closed node")
-        if self._layout is None:
-            self._start(Layout.flat(size))
-        assert self._layout is not None and self._snapshots is not None and self._puller
-        if size != self._layout.size:
-            raise ValueError(
-                f"{self.name}: got {size} parameters, the node's layout has "
-                f"{self._layout.size} ({self._layout.describe()})"
-            )
-        self.loss = float(loss)
-        if not math.isfinite(self.loss) and not self._warned_loss:
-            self._warned_loss = True
-            _log.warning(
-                "%s: loss is %s; peers refuse this node's snapshots until it is finite",
-                self.name,
-                self.loss,
-            )
-        self.clock += samples
-        self._snapshots.publish(fill, self.clock, self.loss)
-        pending = self._pending
-        if pending is not None and not pending.done.is_set():
-            return  # the previous pull is still running; update_wait collects it
-        if self._rng.random() < self.config.pull_probability and self._peers.names():
-            deadline = time.monotonic() + self.config.timeout
-            # The request's loss is informational; keep it finite so peers accept the request.
-            request_loss = self.loss if math.isfinite(self.loss) else 0.0
-            self._pending = Ticket(deadline, self.clock, request_loss)
-            self._puller.submit(self._pending)
 
     def _count(self, outcome: Outcome | None) -> None:
         names = {
@@ -569,6 +781,14 @@ def _install_shutdown_hooks() -> None:
     with contextlib.suppress(ValueError, OSError):
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _check_flat(name: str, params: object, call: str) -> None:
+    if not isinstance(params, np.ndarray) or params.dtype != np.float32 or params.ndim != 1:
+        raise TypeError(
+            f"{name}: {call} expects a 1-D float32 numpy array, got {_describe(params)}; "
+            "flatten it and call .astype(np.float32)"
+        )
 
 
 def _describe(value: object) -> str:

@@ -76,6 +76,13 @@ class Ticket:
     deadline: float
     clock: float
     loss: float
+    join: tuple[str, ...] = ()
+    """For a join round (``start: shared``), the peers to ask in turn until one has a model;
+    empty for an ordinary pull from a peer chosen by score."""
+    step: int = 0
+    """The node's step count when the pull was requested (for ``steps_behind``)."""
+    alive: set[str] = field(default_factory=set)
+    """Peers that answered NOT_READY during a join round: up, but with no model yet."""
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     peer: str = ""
@@ -150,6 +157,9 @@ class Puller:
         on_received: called on the puller's thread with the receive buffer and the peer's name
             once a pull's answer is in and valid, before the pull is handed out (the node clips
             it there, see :mod:`dpwa_core.robust`).
+        idle: seconds a connection may stay silent (connecting, handshaking, or part-way
+            through an answer) before the pull is given up, whatever its deadline; None: only
+            the deadline counts.
     """
 
     def __init__(
@@ -163,8 +173,10 @@ class Puller:
         reject_nonfinite: bool = True,
         transport: str = "auto",
         on_received: Callable[[np.ndarray, str], object] | None = None,
+        idle: float | None = None,
     ) -> None:
         self.name = name
+        self.idle = idle
         self._on_received = on_received
         self.transport = transport
         self.pulls_shm = 0
@@ -228,10 +240,37 @@ class Puller:
             ticket.resolve(Outcome.TIMED_OUT)
             return
         self._drop_forgotten()
+        if ticket.join:
+            self._join(ticket)
+            return
         peer = self._peers.choose()
         if peer is None:
             ticket.resolve(Outcome.FAILED)
             return
+        outcome, fields = self._try(peer, ticket)
+        ticket.resolve(outcome, peer.name, **fields)
+
+    def _join(self, ticket: Ticket) -> None:
+        """Ask the ticket's peers in turn; the first that has a model answers the round."""
+        for name in ticket.join:
+            peer = self._peers.get(name)
+            if peer is None or self._closing:
+                continue
+            if time.monotonic() >= ticket.deadline:
+                break
+            outcome, fields = self._try(peer, ticket)
+            if outcome is Outcome.OK:
+                ticket.resolve(outcome, name, **fields)
+                return
+            if outcome is Outcome.NOT_READY:
+                ticket.alive.add(name)
+        ticket.resolve(Outcome.NOT_READY)
+
+    def _try(self, peer: Peer, ticket: Ticket) -> tuple[Outcome, dict[str, float]]:
+        """Pull from ``peer`` into the buffer; the outcome and, on success, the answer's fields.
+
+        Scores the peer and logs what went wrong (bounded per peer).
+        """
         start = time.monotonic()
         try:
             clock, loss = self._exchange(peer, ticket)
@@ -242,9 +281,9 @@ class Puller:
             self._warn.warning(
                 peer.name, "timeout", "%s: pull from %s timed out", self.name, peer.name
             )
-            ticket.resolve(Outcome.TIMED_OUT, peer.name)
+            return Outcome.TIMED_OUT, {}
         except _NotReady:
-            ticket.resolve(Outcome.NOT_READY, peer.name)
+            return Outcome.NOT_READY, {}
         except _NonFinite:
             self.rejected_nonfinite += 1
             self._peers.record_failure(peer.name)
@@ -256,41 +295,39 @@ class Puller:
                 self.name,
                 peer.name,
             )
-            ticket.resolve(Outcome.FAILED, peer.name)
+            return Outcome.FAILED, {}
         except (ProtocolError, OSError) as exc:
             self._close(peer.name)
             if self._closing:  # our own close() cut the pull short; the peer did nothing wrong
-                ticket.resolve(Outcome.FAILED, peer.name)
-                return
+                return Outcome.FAILED, {}
             self._peers.record_failure(peer.name)
             self._failing[peer.name] = self._failing.get(peer.name, 0) + 1
             reason = type(exc).__name__ if isinstance(exc, OSError) else reason_of(str(exc))
             self._warn.warning(
                 peer.name, reason, "%s: pull from %s failed: %s", self.name, peer.name, exc
             )
-            ticket.resolve(Outcome.FAILED, peer.name)
-        else:
-            elapsed = time.monotonic() - start  # the transfer, not what on_received does
-            if self._on_received is not None:
-                self._on_received(self.buffer, peer.name)
-            self._peers.record_success(peer.name)
-            failed = self._failing.pop(peer.name, 0)
-            if failed:
-                # Say so once, and let the next outage warn again (within the log budget).
-                self._warn.recovered(
-                    peer.name,
-                    "%s: %s answers again after %d failed pulls",
-                    self.name,
-                    peer.name,
-                    failed,
-                )
-            ticket.resolve(
-                Outcome.OK,
+            return Outcome.FAILED, {}
+        elapsed = time.monotonic() - start  # the transfer, not what on_received does
+        if self._on_received is not None:
+            self._on_received(self.buffer, peer.name)
+        self._peers.record_success(peer.name)
+        failed = self._failing.pop(peer.name, 0)
+        if failed:
+            # Say so once, and let the next outage warn again (within the log budget).
+            self._warn.recovered(
                 peer.name,
-                peer_clock=clock,
-                peer_loss=loss,
-                elapsed=elapsed,
+                "%s: %s answers again after %d failed pulls",
+                self.name,
+                peer.name,
+                failed,
             )
+        return Outcome.OK, {"peer_clock": clock, "peer_loss": loss, "elapsed": elapsed}
+
+    def _soon(self, deadline: float) -> float:
+        """The deadline for a step that should be quick (connecting, a header): ``idle``."""
+        if self.idle is None:
+            return deadline
+        return min(deadline, time.monotonic() + self.idle)
 
     def _exchange(self, peer: Peer, ticket: Ticket) -> tuple[float, float]:
         """Send PULL, receive the answer; returns the peer's (clock, loss)."""
@@ -307,7 +344,7 @@ class Puller:
             # Torn or not mappable here: ask again, over TCP unless shared memory is required.
             offer_shm = self.transport == "shm"
             self._send(link, self._encode_request(ticket, FLAG_SHM if offer_shm else 0), ticket)
-            recv_exact(link.sock, self._header, ticket.deadline)
+            recv_exact(link.sock, self._header, self._soon(ticket.deadline))
         else:
             raise ProtocolError("the peer's shared-memory snapshot was overwritten during 3 copies")
         if not self._finite:
@@ -333,18 +370,18 @@ class Puller:
             if not offer_shm:  # only ever sent to a PULL that offered shared memory
                 raise ProtocolError("got SHM_PARAMS in answer to a PULL that did not offer it")
             self._check_fingerprint(header)
-            recv_exact(conn, self._shm_payload, deadline)
+            recv_exact(conn, self._shm_payload, deadline, self.idle)
             if mac is not None:
                 mac.update(self._shm_payload)
         elif header.type is MessageType.LAYOUT_MISMATCH:
             payload = bytearray(header.length)  # bounded by MAX_TEXT_PAYLOAD in decode_header
-            recv_exact(conn, memoryview(payload), deadline)
+            recv_exact(conn, memoryview(payload), deadline, self.idle)
             if mac is not None:
                 mac.update(payload)
             text = bytes(payload)
         if mac is not None:
             tag = bytearray(MAC_SIZE)
-            recv_exact(conn, memoryview(tag), deadline)
+            recv_exact(conn, memoryview(tag), deadline, self.idle)
             MessageMac.verify(mac, tag)
             self.bytes_in += MAC_SIZE
         self._check_answer(header, text)
@@ -371,10 +408,10 @@ class Puller:
         """Send PULL and receive the answer's header; returns the connection."""
         request = self._encode_request(ticket, flags)
         for attempt in range(2):
-            link, fresh = self._connection(peer, ticket.deadline)
+            link, fresh = self._connection(peer, self._soon(ticket.deadline))
             try:
                 self._send(link, request, ticket)
-                recv_exact(link.sock, self._header, ticket.deadline)
+                recv_exact(link.sock, self._header, self._soon(ticket.deadline))
                 return link
             except ConnectionError:
                 self._close(peer.name)
@@ -426,7 +463,7 @@ class Puller:
             for start in range(0, self.buffer.size, RECEIVE_CHUNK):
                 chunk = self.buffer[start : start + RECEIVE_CHUNK]
                 view = chunk.data.cast("B")
-                recv_exact(conn, view, deadline)
+                recv_exact(conn, view, deadline, self.idle)
                 if mac is not None:
                     mac.update(view)
                 if check and self._finite:
@@ -436,7 +473,7 @@ class Puller:
                 self._scratch = np.empty(CHUNK_ELEMENTS * 2, np.uint8)
 
             def receive(view: memoryview) -> None:
-                recv_exact(conn, view, deadline)
+                recv_exact(conn, view, deadline, self.idle)
                 if mac is not None:
                     mac.update(view)
 

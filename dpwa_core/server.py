@@ -51,12 +51,16 @@ from dpwa_core.wire import (
     encode_header,
     recv_exact,
     send_all,
+    transfer_deadline,
 )
 from dpwa_core.wire_dtype import CHUNK_ELEMENTS, WireDType, encode_chunks
 
-__all__ = ["MAX_PER_HOST", "REQUEST_DEADLINE", "Server"]
+__all__ = ["FRESH_WAIT", "MAX_PER_HOST", "REQUEST_DEADLINE", "Server"]
 
 _log = get_logger("server")
+FRESH_WAIT = 0.25
+"""Seconds a PULL waits for a lazily publishing trainer's next snapshot (see
+:meth:`~dpwa_core.snapshot.SnapshotBuffer.want`) before the previous one is sent."""
 _ACCEPT_POLL = 0.1  # seconds; bounds how long close() waits for the listener thread
 _TLS_RECORD = 0x16  # first byte of a TLS handshake record
 REQUEST_DEADLINE = 0.5
@@ -491,6 +495,8 @@ class Server:
             )
             self._send(connection, time.monotonic() + self.timeout, reply + text)
             return False
+        # A lazily publishing trainer copies its model at its next step; wait for that copy.
+        snapshots.want(wait=min(self.timeout, FRESH_WAIT))
         with snapshots.pinned() as snapshot:
             deadline = time.monotonic() + self.timeout
             if snapshot is None:
@@ -515,6 +521,9 @@ class Server:
                 self._send(connection, deadline, reply + answer)
                 sent = HEADER.size + len(answer)
             else:
+                start = time.monotonic()
+                nbytes = layout.size * self.wire_dtype.itemsize
+                deadline = transfer_deadline(start, nbytes, self.timeout)
                 sent = self._send_params(connection, layout, snapshot, deadline)
         if connection.session is not None:
             sent += MAC_SIZE
@@ -528,8 +537,13 @@ class Server:
     def _send_params(
         self, connection: _Connection, layout: Layout, snapshot: Snapshot, deadline: float
     ) -> int:
-        """Stream the snapshot as PARAMS in the wire dtype, tagged chunk by chunk; its size."""
+        """Stream the snapshot as PARAMS in the wire dtype, tagged chunk by chunk; its size.
+
+        ``deadline`` is far enough for a slow link; a peer that takes no byte for ``timeout``
+        seconds is dropped long before it.
+        """
         conn, session, dtype = connection.sock, connection.session, self.wire_dtype
+        idle = self.timeout
         reply = encode_header(
             MessageType.PARAMS,
             clock=snapshot.clock,
@@ -542,7 +556,7 @@ class Server:
         mac = session.send.begin() if session is not None else None
         if mac is not None:
             mac.update(reply)
-        send_all(conn, reply, deadline)
+        send_all(conn, reply, deadline, idle)
         scratch = _EMPTY
         if dtype is not WireDType.FLOAT32:
             if connection.scratch is None:
@@ -550,14 +564,14 @@ class Server:
             scratch = connection.scratch
         for chunk in encode_chunks(snapshot.params, dtype, scratch):
             if mac is None:
-                send_all(conn, chunk, deadline)
+                send_all(conn, chunk, deadline, idle)
                 continue
             for start in range(0, len(chunk), _MAC_CHUNK):  # tag each piece while it is hot
                 piece = chunk[start : start + _MAC_CHUNK]
                 mac.update(piece)
-                send_all(conn, piece, deadline)
+                send_all(conn, piece, deadline, idle)
         if mac is not None:
-            send_all(conn, mac.digest(), deadline)
+            send_all(conn, mac.digest(), deadline, idle)
         return HEADER.size + layout.size * dtype.itemsize
 
 

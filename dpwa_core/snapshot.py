@@ -62,9 +62,37 @@ class SnapshotBuffer:
         self._published = -1  # index into _buffers; -1 until the first publish
         self._state = (0.0, 0.0, 0)  # clock, loss, sequence
         self._lock = threading.Lock()
+        self._fresh = threading.Condition(self._lock)  # notified on every publish
         self._writer = threading.Lock()  # one publisher at a time
         self.skipped = 0
         """Publishes skipped because the spare buffer was still being sent."""
+        self.published = 0
+        """Snapshots written (each one model-sized copy)."""
+        self._wanted = True  # nothing published yet: the first publish is always wanted
+        self.lazy = False
+        """Whether the trainer publishes only when :attr:`wanted` (set by the node)."""
+
+    def want(self, wait: float = 0.0) -> None:
+        """Note that a peer asked for the snapshot (the server calls this on every PULL).
+
+        A trainer that publishes lazily (:attr:`lazy`, :attr:`wanted`) then copies its model at
+        its next step, so a model nobody pulls is never copied.
+
+        Args:
+            wait: with a lazy trainer, wait up to this many seconds for that next publish, so
+                the answer is the model as it is now, not as it was at the previous request.
+        """
+        with self._fresh:
+            self._wanted = True
+            if not self.lazy or wait <= 0 or self._published < 0:
+                return
+            target = self.published + 1
+            self._fresh.wait_for(lambda: self.published >= target, wait)
+
+    @property
+    def wanted(self) -> bool:
+        """Whether a peer asked since the last publish (or nothing was published yet)."""
+        return self._wanted
 
     def publish(self, fill: Callable[[np.ndarray], object], clock: float, loss: float) -> bool:
         """Write a new snapshot with ``fill(buffer)`` and make it the published one.
@@ -84,6 +112,7 @@ class SnapshotBuffer:
                     self.skipped += 1
                     return False
             # Readers only ever pin the published index, so nobody touches `spare` meanwhile.
+            self._wanted = False  # cleared first: a request during the copy asks again
             segment = self.segment
             if segment is None:
                 fill(self._buffers[spare])
@@ -98,6 +127,8 @@ class SnapshotBuffer:
             with self._lock:
                 self._published = spare
                 self._state = (clock, loss, sequence)
+                self.published += 1
+                self._fresh.notify_all()
             return True
 
     @property

@@ -24,6 +24,7 @@ __all__ = [
     "HEADER",
     "MAGIC",
     "MAX_TEXT_PAYLOAD",
+    "MIN_TRANSFER_RATE",
     "VERSION",
     "FLAG_SHM",
     "SHM_ANSWER",
@@ -36,6 +37,7 @@ __all__ = [
     "encode_header",
     "recv_exact",
     "send_all",
+    "transfer_deadline",
 ]
 
 MAGIC = b"DPWA"
@@ -229,13 +231,26 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
     return Header(message_type, clock, loss, size, shape_hash, length, flags, element)
 
 
-def recv_exact(sock: socket.socket, view: memoryview, deadline: float) -> None:
+MIN_TRANSFER_RATE = 125_000
+"""Bytes per second (1 Mbit/s) below which a parameter transfer is given up as stalled."""
+
+
+def recv_exact(
+    sock: socket.socket, view: memoryview, deadline: float, idle: float | None = None
+) -> None:
     """Fill ``view`` from ``sock``, giving up at ``deadline`` (a ``time.monotonic()`` value).
 
     Receives straight into the caller's buffer; never allocates a payload-sized object.
 
+    Args:
+        sock: the connection.
+        view: where the bytes go; filled completely or not at all.
+        deadline: when to give up, whatever the progress.
+        idle: also give up when no byte arrives for this many seconds (a stalled peer), so a
+            far deadline that lets a slow link finish does not let a dead one hold the call.
+
     Raises:
-        TimeoutError: the deadline passed first.
+        TimeoutError: the deadline passed first, or the peer sent nothing for ``idle`` seconds.
         ConnectionError: the peer closed the connection part-way.
     """
     got, total = 0, len(view)
@@ -243,26 +258,61 @@ def recv_exact(sock: socket.socket, view: memoryview, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"received {got} of {total} bytes before the deadline")
-        sock.settimeout(remaining)
+        sock.settimeout(remaining if idle is None else min(remaining, idle))
         try:
             n = sock.recv_into(view[got:], total - got)
         except TimeoutError:
+            if idle is not None and deadline - time.monotonic() > 0:
+                raise TimeoutError(
+                    f"received {got} of {total} bytes, then nothing for {idle:g} s"
+                ) from None
             raise TimeoutError(f"received {got} of {total} bytes before the deadline") from None
         if n == 0:
             raise ConnectionError(f"peer closed the connection after {got} of {total} bytes")
         got += n
 
 
-def send_all(sock: socket.socket, data: bytes | memoryview, deadline: float) -> None:
+def send_all(
+    sock: socket.socket, data: bytes | memoryview, deadline: float, idle: float | None = None
+) -> None:
     """Send all of ``data`` (a memoryview is sent without a copy), giving up at ``deadline``.
 
+    Args:
+        sock: the connection.
+        data: what to send.
+        deadline: when to give up, whatever the progress.
+        idle: also give up when the peer takes no byte for this many seconds.
+
     Raises:
-        TimeoutError: the deadline passed first.
+        TimeoutError: the deadline passed first, or the peer took nothing for ``idle`` seconds.
         OSError: the connection failed.
     """
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise TimeoutError("deadline passed before sending")
-    # Since Python 3.5 a socket timeout bounds the whole sendall, not each chunk.
-    sock.settimeout(remaining)
-    sock.sendall(data)
+    if idle is None or idle >= remaining:
+        # Since Python 3.5 a socket timeout bounds the whole sendall, not each chunk.
+        sock.settimeout(remaining)
+        sock.sendall(data)
+        return
+    view = memoryview(data).cast("B")
+    sent, total = 0, len(view)
+    while sent < total:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"sent {sent} of {total} bytes before the deadline")
+        sock.settimeout(min(remaining, idle))
+        try:
+            sent += sock.send(view[sent:])
+        except TimeoutError:
+            raise TimeoutError(f"sent {sent} of {total} bytes, then the peer took none") from None
+
+
+def transfer_deadline(start: float, nbytes: int, timeout: float) -> float:
+    """When a transfer of ``nbytes`` that began at ``start`` must end at the latest.
+
+    ``timeout`` plus the time the bytes need at :data:`MIN_TRANSFER_RATE`: a 10 MB model gets
+    80 s, enough for a 10 Mbit/s link shared by three pullers, while ``idle`` timeouts (no byte
+    for ``timeout`` seconds) catch a dead peer long before.
+    """
+    return start + timeout + nbytes / MIN_TRANSFER_RATE

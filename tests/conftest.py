@@ -40,6 +40,9 @@ def cluster(count: int, **options: Any) -> dict[str, Any]:
         "timeout_ms": 1000,
         "interpolation": "constant",
         "constant": {"value": 0.5},
+        # Tests of single pulls keep the seed's start (every node pulled from its first step);
+        # tests of the shared start (the default) ask for it with start="shared".
+        "start": "own",
     }
     config.update(options)
     return config

@@ -147,19 +147,21 @@ def test_sigkill_mid_transfer_then_restart_under_the_same_name(
     chunks_seen = [0]
     kill_at = size // puller.RECEIVE_CHUNK // 4  # the payload arrives in chunks; kill a quarter in
 
-    def recv_then_kill(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    def recv_then_kill(
+        sock: socket.socket, view: memoryview, deadline: float, idle: float | None = None
+    ) -> None:
         """Receive a quarter of the payload, SIGKILL the sender, then try to get the rest."""
         if armed.is_set() and len(view) == 4 * puller.RECEIVE_CHUNK:
             chunks_seen[0] += 1
             if chunks_seen[0] == kill_at:
                 armed.clear()
                 half = len(view) // 2
-                real_recv_exact(sock, view[:half], deadline)
+                real_recv_exact(sock, view[:half], deadline, idle)
                 workers.kill("w2")
                 cut.append(kill_at)
-                real_recv_exact(sock, view[half:], deadline)
+                real_recv_exact(sock, view[half:], deadline, idle)
                 return
-        real_recv_exact(sock, view, deadline)
+        real_recv_exact(sock, view, deadline, idle)
 
     monkeypatch.setattr(puller, "recv_exact", recv_then_kill)
     with Node(config, "w1", layout=Layout.flat(size)) as node:

@@ -245,18 +245,15 @@ class RecordingGossip:
     """Stands in for a Gossip handle to check what the callback reports, in order."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, float]] = []
+        self.calls: list[tuple[str, float, int]] = []
 
-    def update_send(self, loss: float, samples: int = 1) -> None:
-        self.calls.append(("send", loss))
-
-    def update_wait(self, loss: float) -> None:
-        self.calls.append(("wait", loss))
+    def step(self, loss: float, samples: int = 1) -> None:
+        self.calls.append(("step", loss, samples))
 
 
 def test_callback_recovers_batch_losses_from_running_means() -> None:
     gossip = RecordingGossip()
-    callback = GossipCallback(gossip, initial_loss=9.0)
+    callback = GossipCallback(gossip, samples_per_batch=8, initial_loss=9.0)
     for epoch_losses in ([4.0, 2.0, 3.0], [1.0, 0.5]):
         callback.on_epoch_begin(0)
         total = 0.0
@@ -264,20 +261,21 @@ def test_callback_recovers_batch_losses_from_running_means() -> None:
             callback.on_train_batch_begin(batch)
             total += loss
             callback.on_train_batch_end(batch, {"loss": total / (batch + 1)})
-    sends = [loss for kind, loss in gossip.calls if kind == "send"]
-    waits = [loss for kind, loss in gossip.calls if kind == "wait"]
-    assert [kind for kind, _ in gossip.calls] == ["send", "wait"] * 5
-    assert waits == pytest.approx([4.0, 2.0, 3.0, 1.0, 0.5])
-    assert sends == pytest.approx([9.0, 4.0, 2.0, 3.0, 1.0])
+    callback.on_train_batch_end(2, {})  # logs without a loss: the last batch's loss again
+    # One gossip step after each batch, with that batch's own loss and the batch's samples.
+    assert [kind for kind, _, _ in gossip.calls] == ["step"] * 6
+    assert [loss for _, loss, _ in gossip.calls] == pytest.approx([4.0, 2.0, 3.0, 1.0, 0.5, 0.5])
+    assert {samples for _, _, samples in gossip.calls} == {8}
     with pytest.raises(ValueError, match="samples_per_batch"):
         GossipCallback(gossip, samples_per_batch=0)
 
 
+@pytest.mark.parametrize("blocking", [False, True])
 def test_fit_with_the_callback_averages_with_a_peer(
-    make_cluster: Callable[..., dict[str, Any]],
+    make_cluster: Callable[..., dict[str, Any]], blocking: bool
 ) -> None:
     """Two Keras nodes on loopback: w1 trains with the callback, w2 only publishes."""
-    config = make_cluster(2, timeout_ms=2000)
+    config = make_cluster(2, timeout_ms=2000, blocking=blocking)
     trainer, peer = mlp(), mlp()
     adapter = get_adapter("keras")
     adapter.from_flat(peer, np.zeros(adapter.layout(peer).size, np.float32))
@@ -295,8 +293,16 @@ def test_fit_with_the_callback_averages_with_a_peer(
             x, y, batch_size=8, epochs=2, verbose=0, callbacks=[gossip.callback()]
         )
         stats = gossip.node.stats()
-    # 16 batches, one pull each at most (the peer may answer late while starting up).
-    assert 8 <= stats["pulls_ok"] <= 16, stats
-    # Averaging with an all-zero peer (factor 0.5) shrinks the weights far below training's pace.
-    assert np.linalg.norm(adapter.to_flat(trainer)) < start / 10
+    if blocking:
+        # 16 batches, one pull each at most (the peer may answer late while starting up).
+        assert 8 <= stats["pulls_ok"] <= 16, stats
+        # Averaging with an all-zero peer (factor 0.5) shrinks the weights far below training's
+        # pace.
+        assert np.linalg.norm(adapter.to_flat(trainer)) < start / 10
+    else:
+        # A pull is blended at the first batch after it lands: at most one per batch, and
+        # each halves the weights (training at lr 0.01 moves them far less).
+        assert 1 <= stats["pulls_ok"] <= 16, stats
+        assert np.linalg.norm(adapter.to_flat(trainer)) < start * 0.75
+        assert stats["blocked_s"] == 0.0, stats
     assert len(history.history["loss"]) == 2

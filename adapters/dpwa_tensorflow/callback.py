@@ -1,15 +1,15 @@
 """A Keras callback that gossips once per training batch.
 
-``on_train_batch_begin`` publishes the model (``update_send``) before the step and
-``on_train_batch_end`` pulls and interpolates (``update_wait``) after it, the same rhythm as a
-PyTorch loop.
+``on_train_batch_end`` calls ``gossip.step`` after each batch, as a PyTorch loop does after its
+optimizer step: a pull that landed meanwhile is blended in, the model is copied for peers if one
+asked, and the next pull starts, without waiting for the network (with the config's
+``blocking: true``, it waits for each pull as the seed did).
 
 Which loss is reported: Keras 3 puts the *running mean* of the loss since the start of the
 epoch into ``logs["loss"]``, not the loss of the batch. The callback recovers the batch loss from
 two consecutive running means (``(b + 1) * mean_b - b * mean_(b-1)`` for batch ``b``), which is
 exact when the batches carry equal weight (every batch but a smaller last one) and otherwise
-close. ``update_send`` before a batch reports the previous batch's loss (the first batch of
-training reports ``initial_loss``).
+close.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ class GossipCallback(keras.callbacks.Callback):  # type: ignore[misc]
             (``dpwa_core.connect(model, ...)``).
         samples_per_batch: how far the node's clock advances per batch; pass the batch size
             to count samples, as the PyTorch examples do (default 1: count batches).
-        initial_loss: the loss reported with the very first ``update_send``, before any batch
-            has a loss.
+        initial_loss: the loss reported when a batch's logs hold none.
 
     Example:
         >>> gossip = dpwa_core.connect(model, "cluster.yaml", "w1")        # doctest: +SKIP
@@ -52,12 +51,8 @@ class GossipCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._last_batch = -1
         self._last_mean = 0.0
 
-    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        """Publish the model before the step, with the previous batch's loss."""
-        self.gossip.update_send(self.batch_loss, samples=self.samples_per_batch)
-
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        """Pull a peer's model and interpolate it into this one, with this batch's loss."""
+        """Gossip once after the batch (``gossip.step``), with this batch's loss."""
         mean = _loss_of(logs)
         if mean is not None:
             if batch <= self._last_batch:  # a new epoch: Keras restarted its running mean
@@ -66,7 +61,7 @@ class GossipCallback(keras.callbacks.Callback):  # type: ignore[misc]
             loss = ((batch + 1) * mean - (self._last_batch + 1) * self._last_mean) / steps
             self.batch_loss = loss if math.isfinite(loss) else mean
             self._last_batch, self._last_mean = batch, mean
-        self.gossip.update_wait(self.batch_loss)
+        self.gossip.step(self.batch_loss, samples=self.samples_per_batch)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         """Restart the running-mean bookkeeping with Keras's."""
