@@ -218,6 +218,7 @@ def run_system(
             "options": options,
             "ifname": "lo" if args.no_lab else "eth0",
             "threads": 1,
+            "pace": args.pace,
         }
         spec_path = os.path.join(run_dir, "SPEC.json")
         with open(spec_path, "w") as f:
@@ -451,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lead", type=float, default=25.0, help="seconds from spawn to start")
     parser.add_argument("--grace", type=float, default=45.0, help="seconds allowed past the end")
+    parser.add_argument(
+        "--pace",
+        choices=("sleep", "spin"),
+        default="spin" if (os.cpu_count() or 1) < WORLD else "sleep",
+        help="how a straggler waits: spin (default with fewer cores than nodes, so a straggler "
+        "does not hand its core to the others) or sleep",
+    )
     parser.add_argument("--run-dir", default=None, help="default: a new folder under /tmp")
     parser.add_argument("--keep", action="store_true", help="keep the parameter memmaps")
     parser.add_argument("--plot-dir", default=os.path.join(REPO, "docs", "img"))
@@ -508,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         title = (
             f"{setting_name}: {WORLD} nodes, {mode}, "
             f"{'label-skewed' if setting.skew else 'iid'} shards, slowdown {list(setting.slowdown)}"
+            + (f" ({args.pace})" if setting.baseline else "")
         )
         print(f"\n## {title}, {args.seconds:.0f} s each\n")
         print(table(setting_name, rows, args.target, baseline))
@@ -525,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "batch_size": args.batch_size,
             "target": args.target,
+            "pace": args.pace,
             "systems": rows,
         }
         line = json.dumps(record)

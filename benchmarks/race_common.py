@@ -175,7 +175,12 @@ def batches(
 
 
 class Slowdown:
-    """Makes rank R's compute ``spec["slowdown"][R]`` times slower, by sleeping after it.
+    """Makes rank R's compute ``spec["slowdown"][R]`` times slower, by waiting after it.
+
+    ``spec.get("pace", "sleep")`` says how: ``sleep`` idles; ``spin`` keeps one core busy with
+    small torch matmuls (which release the GIL, so the worker's own communication threads still
+    run). Spinning is what a slower machine looks like to the others when the workers share too
+    few cores: a sleeping straggler would hand its core to the fast workers and speed them up.
 
     Example:
         >>> pace = Slowdown(spec, rank)
@@ -185,11 +190,22 @@ class Slowdown:
     def __init__(self, spec: dict[str, Any], rank: int) -> None:
         factors = spec.get("slowdown") or []
         self.factor = float(factors[rank]) if rank < len(factors) else 1.0
+        self.mode = str(spec.get("pace", "sleep"))
+        if self.mode not in ("sleep", "spin"):
+            raise ValueError(f"spec 'pace' is {self.mode!r}: use 'sleep' or 'spin'")
+        self._a = torch.ones(128, 128) if self.mode == "spin" else None
 
     def pace(self, compute_seconds: float) -> None:
-        """Sleep ``(factor - 1) * compute_seconds``; returns at once for a factor of 1."""
-        if self.factor > 1.0 and compute_seconds > 0:
-            time.sleep((self.factor - 1.0) * compute_seconds)
+        """Wait ``(factor - 1) * compute_seconds``; returns at once for a factor of 1."""
+        if self.factor <= 1.0 or compute_seconds <= 0:
+            return
+        wait = (self.factor - 1.0) * compute_seconds
+        if self._a is None:
+            time.sleep(wait)
+            return
+        end = time.perf_counter() + wait
+        while time.perf_counter() < end:
+            torch.mm(self._a, self._a)
 
 
 class Recorder:
