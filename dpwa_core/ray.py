@@ -5,9 +5,8 @@ Example:
     ...     model = make_model()
     ...     with ctx.connect(model) as gossip:
     ...         for step in range(1000):
-    ...             gossip.update_send(loss)
     ...             loss = train_step(model)
-    ...             gossip.update_wait(loss)
+    ...             gossip.step(loss)
     ...         ctx.wait_for_all()  # serve until every node is done
     ...     return evaluate(model)
     >>> accuracies = dpwa_core.ray.run(train, num_nodes=8, config="settings.yaml",
