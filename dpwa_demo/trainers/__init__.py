@@ -2,9 +2,10 @@
 
 Every trainer builds the same architecture (``inputs -> hidden -> classes``, ReLU, softmax
 cross-entropy, plain SGD), so nodes of different frameworks share one canonical layout and can
-average one model. A trainer owns its framework's gossip idiom (PyTorch: ``gossip.step(loss)`` after the
-optimizer step; Keras: the same after ``train_on_batch``, as the callback does in ``fit``; JAX:
-``params = gossip.step(loss, params)``), so the worker loop that drives it is framework-neutral.
+average one model. A trainer owns its framework's gossip idiom (PyTorch: ``gossip.step(loss)``
+after the optimizer step; Keras: the same after ``train_on_batch``, as the callback does in
+``fit``; JAX: ``params = gossip.step(loss, params)``), so the worker loop that drives it is
+framework-neutral.
 
 To add a framework, write a module here with a class that satisfies :class:`Trainer` and list it
 in :data:`TRAINERS`.
