@@ -176,6 +176,7 @@ class Node:
         self._join_started = time.monotonic()
         self._join_next = 0.0  # when the next join round may start
         self._join_patience = max(_JOIN_PATIENCE, 4 * self.config.timeout)
+        self._join_s = 0.0  # seconds join() waited
         self._lock = threading.Lock()
         self._closed = False
         self._warned_loss = False
@@ -299,7 +300,11 @@ class Node:
             if result is not None:
                 result.blend_into(params)
             return result
-        result = self.collect(loss)
+        if self._joined_from is None:
+            self._check_size(params.size)
+            result = self.join(loss)
+        else:
+            result = self.collect(loss)
         if result is not None:
             result.blend_into(params)
         self.publish(params, loss, samples=samples, lazy=True)
@@ -349,14 +354,8 @@ class Node:
             _check_flat(self.name, params, "update_send")
             array = params
             size, fill = array.size, lambda out: np.copyto(out, array)
-        if self._layout is None:
-            self._start(Layout.flat(size))
-        assert self._layout is not None and self._snapshots is not None
-        if size != self._layout.size:
-            raise ValueError(
-                f"{self.name}: got {size} parameters, the node's layout has "
-                f"{self._layout.size} ({self._layout.describe()})"
-            )
+        self._check_size(size)
+        assert self._snapshots is not None
         self.loss = float(loss)
         if not math.isfinite(self.loss) and not self._warned_loss:
             self._warned_loss = True
@@ -371,6 +370,46 @@ class Node:
         if self._joined_from is None or (lazy and not self._snapshots.wanted):
             return False
         return self._snapshots.publish(fill, self.clock, self.loss)
+
+    @property
+    def joined(self) -> bool:
+        """Whether this node has its cluster's model (``start: shared``; always with ``own``)."""
+        return self._joined_from is not None
+
+    def join(self, loss: float = 0.0) -> PullResult | None:
+        """Wait until this node has the cluster's model: a live peer's to copy, or its own.
+
+        With ``start: shared`` a node that starts or restarts asks its peers, in config order,
+        for their model; :meth:`step` calls this at the first step, so the steps a joiner
+        would train on its own starting weights (and then throw away for the copy) are not
+        spent. Returns at once when the node has joined already; waits at most 30 s (or
+        4 x ``timeout_ms``) plus one transfer, whatever the peers do; a dead peer holds
+        nothing back.
+
+        Args:
+            loss: the current training loss, sent with the requests.
+
+        Returns:
+            The peer's model to copy (factor 1, ``joined`` true; blend it with
+            :meth:`PullResult.blend_into`), or None when this node's own weights start the
+            cluster's model (or it has joined already).
+        """
+        if self._layout is None or self._puller is None:
+            raise RuntimeError(f"{self.name}: join needs the node's layout; publish first")
+        began, blocked = time.monotonic(), self._blocked
+        try:
+            while self._joined_from is None and not self._closed:
+                if self._pending is None and not self.start_pull():
+                    time.sleep(max(0.0, self._join_next - time.monotonic()))
+                    continue
+                result = self.collect(loss, wait=True)
+                if result is not None and result.joined:
+                    return result
+            return None
+        finally:
+            waited = time.monotonic() - began
+            self._join_s += waited
+            self._blocked = blocked + waited  # the waits for its pulls are part of it
 
     def start_pull(self, *, blocking: bool = False) -> bool:
         """Start a pull from a peer unless one is in flight; collect it with :meth:`collect`.
@@ -511,6 +550,17 @@ class Node:
         self._joined_from = self.name
         _log.info("%s starts the cluster's model from its own weights: %s", self.name, why)
 
+    def _check_size(self, size: int) -> None:
+        """Start the node's threads with a flat layout of ``size`` if it has none; check it."""
+        if self._layout is None:
+            self._start(Layout.flat(size))
+        assert self._layout is not None
+        if size != self._layout.size:
+            raise ValueError(
+                f"{self.name}: got {size} parameters, the node's layout has "
+                f"{self._layout.size} ({self._layout.describe()})"
+            )
+
     def _bounded_clock(self, peer: str, claimed: float) -> float:
         """The peer's clock, between ``1/max_clock_lead`` and ``max_clock_lead`` times ours.
 
@@ -633,8 +683,9 @@ class Node:
             ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock``,
             ``steps`` (publish calls: one per training step), ``snapshots_published`` (model
             copies made for peers), ``blocked_s`` (seconds the training thread waited for
-            pulls), ``last_steps_behind`` (steps between requesting and blending the last
-            pull), ``joined_from`` (the peer whose model this node copied when it joined, its
+            pulls, join rounds included), ``join_s`` (of which waiting to join),
+            ``last_steps_behind`` (steps between requesting and blending the last pull),
+            ``joined_from`` (the peer whose model this node copied when it joined, its
             own name when its weights started the cluster's model, None while it joins),
             ``scores`` (each peer's flow-control score) and ``peers`` (per peer: ``score`` and
             its ``ok``, ``failed``, ``timed_out`` and ``clipped`` pull counts); and from the
@@ -665,6 +716,7 @@ class Node:
         stats["steps"] = self._steps
         stats["snapshots_published"] = self._snapshots.published if self._snapshots else 0
         stats["blocked_s"] = self._blocked
+        stats["join_s"] = self._join_s
         stats["last_steps_behind"] = self._last_behind
         stats["joined_from"] = self._joined_from
         stats["scores"] = self._peers.scores()

@@ -55,6 +55,7 @@ def test_pulls_run_under_many_steps_over_a_shaped_link(
         assert stats["pulls_ok"] >= 1, (name, stats)
         # Other hosts: the peer's one shared-memory offer fails to attach, then TCP only.
         assert stats["pulls_shm"] == 0 and stats["served_shm"] <= 1, stats
-        assert stats["blocked_s"] == 0.0, stats
+        # The training thread waited only to join (its first step), never for a pull.
+        assert stats["blocked_s"] == stats["join_s"], stats
         # The pull ran under many steps: requested, then blended dozens of steps later.
         assert max(p["behind"] for p in got["pulls"]) >= 10, got["pulls"]
