@@ -71,13 +71,16 @@ class Gossip(Generic[State]):
             node.publish(self._fill, loss, samples=samples)
             node.start_pull(blocking=True)
         # A joining node (start: shared) waits for the cluster's model before it trains on.
-        result = node.join(loss) if not node.joined else node.collect(loss, wait=self.blocking)
+        if not node.joined:
+            result = node.join(loss)
+        else:
+            result = node.collect(loss, wait=self.blocking, current=self._fill)
         if result is not None:
             self.last = result
             self.state = self.adapter.interpolate(self.state, result.params, result.factor)
         if not self.blocking:
             node.publish(self._fill, loss, samples=samples, lazy=True)
-            node.start_pull()
+            node.start_pull(current=self._fill)
         return self.state
 
     def update_send(self, loss: float, state: State | None = None, *, samples: int = 1) -> None:

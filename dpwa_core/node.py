@@ -34,6 +34,7 @@ from dpwa_core import shm
 from dpwa_core._log import OncePerPeer, get_logger
 from dpwa_core.adapters import lerp_inplace
 from dpwa_core.config import Config, load_config
+from dpwa_core.delta import add_inplace
 from dpwa_core.layout import Layout
 from dpwa_core.peers import PeerTable
 from dpwa_core.puller import Outcome, Puller, Ticket
@@ -48,6 +49,8 @@ from dpwa_core.wire_dtype import wire_dtype
 __all__ = ["Node", "PullResult"]
 
 _log = get_logger("node")
+Source = np.ndarray | Callable[[np.ndarray], object]
+"""A model given to the node: a 1-D float32 array, or ``fill(out)`` writing it into ``out``."""
 _JOIN_RETRY = 0.02  # seconds between join rounds that found no model
 _JOIN_PATIENCE = 30.0  # seconds after which a joining node starts its own model anyway
 
@@ -61,7 +64,9 @@ class PullResult:
     """
 
     params: np.ndarray
-    """The peer's parameters, 1-D float32 (clipped toward ours by ``robust.clip``)."""
+    """The peer's parameters, 1-D float32 (clipped toward ours by ``robust.clip``). For a
+    non-blocking pull (``step``), staleness-corrected: our model now plus the peer's lead over
+    our model when we asked (:mod:`dpwa_core.delta`), so blending keeps our steps since."""
     factor: float
     """Factor in [0, 1], after the divergence rule: ``local = (1-f)*local + f*peer``."""
     peer: str
@@ -304,11 +309,11 @@ class Node:
             self._check_size(params.size)
             result = self.join(loss)
         else:
-            result = self.collect(loss)
+            result = self.collect(loss, current=params)
         if result is not None:
             result.blend_into(params)
         self.publish(params, loss, samples=samples, lazy=True)
-        self.start_pull()
+        self.start_pull(current=params)
         return result
 
     def publish(
@@ -411,7 +416,7 @@ class Node:
             self._join_s += waited
             self._blocked = blocked + waited  # the waits for its pulls are part of it
 
-    def start_pull(self, *, blocking: bool = False) -> bool:
+    def start_pull(self, *, blocking: bool = False, current: Source | None = None) -> bool:
         """Start a pull from a peer unless one is in flight; collect it with :meth:`collect`.
 
         Starts one with probability ``pull_probability``. While the node joins (``start:
@@ -423,6 +428,9 @@ class Node:
                 (the seed's contract). Otherwise it may take as long as the link needs: it is
                 given up only when the peer sends nothing for ``timeout_ms``, or slower than
                 :data:`~dpwa_core.wire.MIN_TRANSFER_RATE`.
+            current: the model as it is now (an array, or ``fill(out)``). With it (and not
+                ``blocking``) the pull is staleness-corrected (:mod:`dpwa_core.delta`): a copy
+                is kept, and :meth:`collect` hands out ``current_then + (peer - copy)``.
 
         Returns:
             Whether a pull started.
@@ -449,13 +457,22 @@ class Node:
             join = (*order, *(n for n in names if n not in order))
             self._pending = Ticket(deadline, self.clock, request_loss, join=join, step=self._steps)
         elif self._rng.random() < self.config.pull_probability:
-            self._pending = Ticket(deadline, self.clock, request_loss, step=self._steps)
+            delta = current is not None and not blocking
+            if current is not None and not blocking:
+                if self._puller.reference is None:
+                    self._puller.reference = np.empty(self._layout.size, np.float32)
+                _filler(current)(self._puller.reference)  # no pull is in flight: ours to write
+            self._pending = Ticket(
+                deadline, self.clock, request_loss, step=self._steps, delta=delta
+            )
         else:
             return False
         self._puller.submit(self._pending)
         return True
 
-    def collect(self, loss: float, *, wait: bool = False) -> PullResult | None:
+    def collect(
+        self, loss: float, *, wait: bool = False, current: Source | None = None
+    ) -> PullResult | None:
         """Hand out the pull that :meth:`start_pull` started, once it has landed.
 
         Args:
@@ -463,6 +480,9 @@ class Node:
                 rule.
             wait: wait for the pull (until its deadline); otherwise return None at once while
                 it is still running.
+            current: the model as it is now, for a staleness-corrected pull (see
+                :meth:`start_pull`): the result's ``params`` are then ``current + (peer -
+                model at the request)``. Without it they are the (clipped) peer's.
 
         Returns:
             The peer's snapshot and the factor to blend it with (see :meth:`update_wait`), or
@@ -505,6 +525,12 @@ class Node:
             self._last_factor = factor
             self._last_behind = behind
         self.clock = factor * peer_clock + (1 - factor) * self.clock
+        if ticket.delta:
+            assert self._puller is not None and self._puller.reference is not None
+            reference = self._puller.reference  # free now: the pull is over
+            if current is not None:
+                _filler(current)(reference)
+            add_inplace(self._puller.buffer, reference)
         return self._result(ticket, factor, behind)
 
     def _result(self, ticket: Ticket, factor: float, behind: int) -> PullResult:
@@ -589,19 +615,24 @@ class Node:
         )
         return bounded
 
-    def _clip(self, buffer: np.ndarray, peer: str) -> None:
-        """Clip the receive buffer toward our latest published snapshot (robust.clip).
+    def _clip(self, buffer: np.ndarray, peer: str, reference: np.ndarray | None) -> None:
+        """Clip the receive buffer toward our model (robust.clip).
 
-        Runs on the puller's thread once an answer is in, so the training thread never pays
-        for the two passes over the model.
+        Toward the pull's reference (our model at the request) for a staleness-corrected
+        pull, else toward our latest published snapshot. Runs on the puller's thread once an
+        answer is in, so the training thread never pays for the two passes over the model.
         """
         assert self._clipper is not None and self._snapshots is not None
-        with self._snapshots.pinned() as snapshot:
-            if snapshot is None:
+        clipper = self._clipper
+        if reference is not None:
+            if not clipper.clip(buffer, reference, peer):
                 return
-            clipper = self._clipper
-            if not clipper.clip(buffer, snapshot.params, peer):
-                return
+        else:
+            with self._snapshots.pinned() as snapshot:
+                if snapshot is None:
+                    return
+                if not clipper.clip(buffer, snapshot.params, peer):
+                    return
         self._warn.warning(
             peer,
             "clipped",
@@ -833,6 +864,14 @@ def _install_shutdown_hooks() -> None:
     with contextlib.suppress(ValueError, OSError):
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _filler(source: Source) -> Callable[[np.ndarray], object]:
+    """``fill(out)`` for an array (copied) or a fill function (itself)."""
+    if callable(source):
+        return source
+    array = source
+    return lambda out: np.copyto(out, array)
 
 
 def _check_flat(name: str, params: object, call: str) -> None:

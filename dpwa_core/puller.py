@@ -32,6 +32,7 @@ import numpy as np
 
 from dpwa_core._log import OncePerPeer, get_logger, peer_text, reason_of
 from dpwa_core.auth import MAC_SIZE, MessageMac, Session, client_handshake
+from dpwa_core.delta import subtract_inplace
 from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.peers import Peer, PeerTable
@@ -81,6 +82,9 @@ class Ticket:
     empty for an ordinary pull from a peer chosen by score."""
     step: int = 0
     """The node's step count when the pull was requested (for ``steps_behind``)."""
+    delta: bool = False
+    """Staleness-corrected (:mod:`dpwa_core.delta`): the puller's ``reference`` holds our model
+    at the request, and a valid answer is turned into ``peer - reference`` (after clipping)."""
     alive: set[str] = field(default_factory=set)
     """Peers that answered NOT_READY during a join round: up, but with no model yet."""
     done: threading.Event = field(default_factory=threading.Event)
@@ -154,9 +158,10 @@ class Puller:
         tls: a client TLS context to wrap every new connection in, or None.
         reject_nonfinite: refuse answers whose parameters hold NaN or Inf.
         transport: ``auto``, ``tcp`` or ``shm`` (see :class:`~dpwa_core.config.Config`).
-        on_received: called on the puller's thread with the receive buffer and the peer's name
-            once a pull's answer is in and valid, before the pull is handed out (the node clips
-            it there, see :mod:`dpwa_core.robust`).
+        on_received: called on the puller's thread with the receive buffer, the peer's name and
+            the pull's reference (our model at the request, or None) once a pull's answer is in
+            and valid, before the pull is handed out (the node clips it there, see
+            :mod:`dpwa_core.robust`).
         idle: seconds a connection may stay silent (connecting, handshaking, or part-way
             through an answer) before the pull is given up, whatever its deadline; None: only
             the deadline counts.
@@ -172,7 +177,7 @@ class Puller:
         tls: ssl.SSLContext | None = None,
         reject_nonfinite: bool = True,
         transport: str = "auto",
-        on_received: Callable[[np.ndarray, str], object] | None = None,
+        on_received: Callable[[np.ndarray, str, np.ndarray | None], object] | None = None,
         idle: float | None = None,
     ) -> None:
         self.name = name
@@ -196,6 +201,9 @@ class Puller:
         self.rejected_nonfinite = 0
         """Answers refused because their parameters held NaN or Inf."""
         self.buffer = np.empty(layout.size, np.float32)
+        self.reference: np.ndarray | None = None
+        """Our model at a staleness-corrected pull's request (allocated at the first one; the
+        node writes it while no pull is in flight)."""
         self._header = memoryview(bytearray(HEADER.size))
         self._peers = peers
         self._conns: dict[str, _Link] = {}
@@ -308,8 +316,11 @@ class Puller:
             )
             return Outcome.FAILED, {}
         elapsed = time.monotonic() - start  # the transfer, not what on_received does
+        reference = self.reference if ticket.delta else None
         if self._on_received is not None:
-            self._on_received(self.buffer, peer.name)
+            self._on_received(self.buffer, peer.name, reference)
+        if reference is not None:
+            subtract_inplace(self.buffer, reference)  # the peer's lead over our past self
         self._peers.record_success(peer.name)
         failed = self._failing.pop(peer.name, 0)
         if failed:

@@ -246,3 +246,23 @@ def test_a_stalled_answer_fails_after_the_idle_timeout_not_the_far_deadline() ->
             recv_exact(a, view, far, idle=0.2)
         assert time.monotonic() - start < 30  # the idle timeout, not the 60 s deadline
     assert transfer_deadline(0.0, 10 * MIN_TRANSFER_RATE, 2.5) == pytest.approx(12.5)
+
+
+def test_a_late_blend_keeps_the_steps_taken_since_the_request(make_cluster: Cluster) -> None:
+    """Staleness correction: local_now + f * (peer_then - local_then), not a plain lerp."""
+    config = make_cluster(2, robust={"clip": False})
+    with Node(config, "w1") as a, Node(config, "w2") as b:
+        b.publish(np.full(100, 8.0, np.float32), 1.0)
+        pa = np.zeros(100, np.float32)
+        a.publish(pa, 1.0)
+        assert a.start_pull(current=pa)  # our model at the request: 0
+        pa += 10.0  # the steps trained while the pull ran
+        result = a.collect(1.0, wait=True, current=pa)
+        assert result is not None and result.factor == 0.5
+        assert np.all(result.params == 18.0)  # 10 now + (8 - 0): the peer's lead over us then
+        result.blend_into(pa)
+        assert np.all(pa == 14.0)  # a plain blend would give 9, losing half our 10
+        # Without the current model, collect hands out the (clipped) peer itself.
+        assert a.start_pull(current=pa)
+        result = a.collect(1.0, wait=True)
+        assert result is not None and np.all(result.params == 8.0)
