@@ -44,10 +44,9 @@ class Gossip(Generic[State]):
     def step(self, loss: float, state: State | None = None, *, samples: int = 1) -> State:
         """Gossip once, after the optimizer step: blend a landed pull, publish, pull on.
 
-        Never waits for the network (unless :attr:`blocking`) once the node has joined: at the
-        first step a node that starts or restarts waits for a live peer's model to copy
-        (:meth:`~dpwa_core.node.Node.join`, ``start: shared``). Then a pull that landed since
-        the last call is blended into the model as it is now, the model is copied for peers only
+        Never waits for the network (unless :attr:`blocking`): a pull that landed since the
+        last call is blended into the model as it is now, keeping the steps trained while it
+        ran (:mod:`dpwa_core.delta`), the model is copied for peers only
         if one asked since the last copy, and the next pull starts when none is in flight. So
         the training loop runs at compute speed whatever the link; :attr:`last` tells which
         peer was blended and how many steps behind its snapshot was (``steps_behind``).
@@ -70,11 +69,7 @@ class Gossip(Generic[State]):
         if self.blocking:
             node.publish(self._fill, loss, samples=samples)
             node.start_pull(blocking=True)
-        # A joining node (start: shared) waits for the cluster's model before it trains on.
-        if not node.joined:
-            result = node.join(loss)
-        else:
-            result = node.collect(loss, wait=self.blocking, current=self._fill)
+        result = node.collect(loss, wait=self.blocking, current=self._fill)
         if result is not None:
             self.last = result
             self.state = self.adapter.interpolate(self.state, result.params, result.factor)

@@ -305,11 +305,7 @@ class Node:
             if result is not None:
                 result.blend_into(params)
             return result
-        if self._joined_from is None:
-            self._check_size(params.size)
-            result = self.join(loss)
-        else:
-            result = self.collect(loss, current=params)
+        result = self.collect(loss, current=params)
         if result is not None:
             result.blend_into(params)
         self.publish(params, loss, samples=samples, lazy=True)
@@ -385,11 +381,12 @@ class Node:
         """Wait until this node has the cluster's model: a live peer's to copy, or its own.
 
         With ``start: shared`` a node that starts or restarts asks its peers, in config order,
-        for their model; :meth:`step` calls this at the first step, so the steps a joiner
-        would train on its own starting weights (and then throw away for the copy) are not
-        spent. Returns at once when the node has joined already; waits at most 30 s (or
-        4 x ``timeout_ms``) plus one transfer, whatever the peers do; a dead peer holds
-        nothing back.
+        for their model. :meth:`step` does not wait for that: its join rounds run under the
+        training steps like any pull, and the copy keeps the steps trained meanwhile
+        (``peer + (now - at the request)``, :mod:`dpwa_core.delta`). Call this before the
+        loop to start from the copy exactly instead. Returns at once when the node has joined
+        already; waits at most 30 s (or 4 x ``timeout_ms``) plus one transfer, whatever the
+        peers do; a dead peer holds nothing back.
 
         Args:
             loss: the current training loss, sent with the requests.
@@ -450,23 +447,22 @@ class Node:
             deadline = transfer_deadline(now, self._layout.size * 4, self.config.timeout)
         # The request's loss is informational; keep it finite so peers accept the request.
         request_loss = self.loss if math.isfinite(self.loss) else 0.0
+        join: tuple[str, ...] = ()
         if self._joined_from is None:
             if now < self._join_next:
                 return False
             order = [n.name for n in self.config.nodes if n.name in names]
             join = (*order, *(n for n in names if n not in order))
-            self._pending = Ticket(deadline, self.clock, request_loss, join=join, step=self._steps)
-        elif self._rng.random() < self.config.pull_probability:
-            delta = current is not None and not blocking
-            if current is not None and not blocking:
-                if self._puller.reference is None:
-                    self._puller.reference = np.empty(self._layout.size, np.float32)
-                _filler(current)(self._puller.reference)  # no pull is in flight: ours to write
-            self._pending = Ticket(
-                deadline, self.clock, request_loss, step=self._steps, delta=delta
-            )
-        else:
+        elif self._rng.random() >= self.config.pull_probability:
             return False
+        delta = current is not None and not blocking
+        if current is not None and not blocking:
+            if self._puller.reference is None:
+                self._puller.reference = np.empty(self._layout.size, np.float32)
+            _filler(current)(self._puller.reference)  # no pull is in flight: ours to write
+        self._pending = Ticket(
+            deadline, self.clock, request_loss, join=join, step=self._steps, delta=delta
+        )
         self._puller.submit(self._pending)
         return True
 
@@ -506,7 +502,10 @@ class Node:
                 ticket.resolve(Outcome.TIMED_OUT, ticket.peer)
         self._pending = None
         if ticket.join:
-            return self._joined(ticket, self._steps - ticket.step + (0 if wait else 1))
+            joined = self._joined(ticket, self._steps - ticket.step + (0 if wait else 1))
+            if joined is not None:
+                self._add_current(ticket, current)
+            return joined
         if ticket.outcome is not Outcome.OK:
             self._count(ticket.outcome)
             return None
@@ -525,13 +524,18 @@ class Node:
             self._last_factor = factor
             self._last_behind = behind
         self.clock = factor * peer_clock + (1 - factor) * self.clock
-        if ticket.delta:
-            assert self._puller is not None and self._puller.reference is not None
-            reference = self._puller.reference  # free now: the pull is over
-            if current is not None:
-                _filler(current)(reference)
-            add_inplace(self._puller.buffer, reference)
+        self._add_current(ticket, current)
         return self._result(ticket, factor, behind)
+
+    def _add_current(self, ticket: Ticket, current: Source | None) -> None:
+        """Turn a staleness-corrected answer (``peer - reference``) into what to blend toward."""
+        if not ticket.delta:
+            return
+        assert self._puller is not None and self._puller.reference is not None
+        reference = self._puller.reference  # free now: the pull is over
+        if current is not None:
+            _filler(current)(reference)
+        add_inplace(self._puller.buffer, reference)
 
     def _result(self, ticket: Ticket, factor: float, behind: int) -> PullResult:
         assert self._puller is not None  # a ticket exists, so the puller was started

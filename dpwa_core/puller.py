@@ -317,7 +317,7 @@ class Puller:
             return Outcome.FAILED, {}
         elapsed = time.monotonic() - start  # the transfer, not what on_received does
         reference = self.reference if ticket.delta else None
-        if self._on_received is not None:
+        if self._on_received is not None and not ticket.join:  # a joiner copies its sponsor
             self._on_received(self.buffer, peer.name, reference)
         if reference is not None:
             subtract_inplace(self.buffer, reference)  # the peer's lead over our past self

@@ -266,3 +266,19 @@ def test_a_late_blend_keeps_the_steps_taken_since_the_request(make_cluster: Clus
         assert a.start_pull(current=pa)
         result = a.collect(1.0, wait=True)
         assert result is not None and np.all(result.params == 8.0)
+
+
+def test_a_joiner_keeps_training_and_its_copy_keeps_those_steps(make_cluster: Cluster) -> None:
+    """The join copy is staleness-corrected too: peer_then + (joiner_now - joiner_then)."""
+    config = make_cluster(2, start="shared")
+    with Node(config, "w1") as w1, Node(config, "w2") as w2:
+        p1 = np.full(10, 1.0, np.float32)
+        steps_until({w1: p1}, lambda: w1.stats()["joined_from"] == "w1")
+        p2 = np.full(10, 100.0, np.float32)
+        w2.publish(p2, 1.0)
+        assert not w2.joined and w2.start_pull(current=p2)  # a join round, p2 as reference
+        p2 += 5.0  # trained on while the copy ran
+        result = w2.collect(1.0, wait=True, current=p2)  # w1 has a model: the round copies it
+        assert result is not None and result.joined and result.factor == 1.0
+        result.blend_into(p2)
+        assert np.all(p2 == 6.0)  # w1's 1 plus the joiner's own 5 steps' worth
