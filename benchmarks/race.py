@@ -79,6 +79,7 @@ SYSTEMS = {
     "dpwa-own": System("dpwa", "own", {"start": "own"}),
     "dpwa-noclip": System("dpwa", "noclip", {"robust": {"clip": False}}),
     "dpwa-clip2": System("dpwa", "clip2", {"robust": {"clip_scale": 2.0}}),
+    "dpwa-bf16": System("dpwa", "bf16", {"wire_dtype": "bfloat16"}),
     "ddp": System("ddp", "default"),
     "localsgd": System("localsgd", "p16", {"period": 16}),
     "hivemind": System("hivemind", "default"),

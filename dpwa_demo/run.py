@@ -188,6 +188,8 @@ def _config(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
         ],
         "pull_probability": args.pull_probability,
         "interpolation": args.interpolation,
+        # The demo shows nodes from different seeds reaching consensus: keep their own starts.
+        "start": "own",
     }
     if args.interpolation == "constant":
         config["constant"] = {"value": args.factor}

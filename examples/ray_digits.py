@@ -21,7 +21,14 @@ import numpy as np
 import dpwa_core.ray
 from dpwa_core.ray import NodeContext
 
-SETTINGS = {"pull_probability": 1.0, "interpolation": "constant", "constant": {"value": 0.5}}
+# start: own: each node starts from its own weights (torch.manual_seed(rank) below) and the
+# printed distances show them agreeing; the default, start: shared, copies one node's model.
+SETTINGS = {
+    "pull_probability": 1.0,
+    "interpolation": "constant",
+    "constant": {"value": 0.5},
+    "start": "own",
+}
 
 
 def train(ctx: NodeContext, steps: int) -> dict[str, Any]:
@@ -47,12 +54,16 @@ def train(ctx: NodeContext, steps: int) -> dict[str, Any]:
         gossip.node.wait_for_peers(timeout=60)  # start together
         for step in range(1, steps + 1):
             batch = torch.randint(0, len(y_mine), (32,))
+            # The blocking pair: one pull per step, which this short fixed-step run on label-
+            # skewed shards needs to agree. A long job calls gossip.step(loss) after the
+            # optimizer step instead, which never waits for the network.
+            gossip.update_send(loss, samples=32)
             optimizer.zero_grad()
             loss_t = torch.nn.functional.cross_entropy(model(x_mine[batch]), y_mine[batch])
             loss_t.backward()
             optimizer.step()
             loss = loss_t.item()
-            gossip.step(loss, samples=32)  # never waits for the network
+            gossip.update_wait(loss)
             if step % 100 == 0:
                 print(f"step {step} loss {loss:.3f}", flush=True)  # Ray prefixes the node
         ctx.wait_for_all()  # keep serving until the last node is done, so it still averages
