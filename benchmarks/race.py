@@ -70,6 +70,7 @@ SETTINGS = {
     "100mbit-skew": Setting(100, True),
     "1gbit-skew": Setting(1000, True),
     "100mbit-straggler": Setting(100, False, (1.0, 1.0, 1.0, 3.0), baseline="100mbit-iid"),
+    "10mbit-iid": Setting(10, False),
 }
 SYSTEMS = {
     "dpwa": System("dpwa", "default"),
