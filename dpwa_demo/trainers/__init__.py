@@ -2,10 +2,12 @@
 
 Every trainer builds the same architecture (``inputs -> hidden -> classes``, ReLU, softmax
 cross-entropy, plain SGD), so nodes of different frameworks share one canonical layout and can
-average one model. A trainer owns its framework's gossip idiom (PyTorch: ``gossip.step(loss)``
-after the optimizer step; Keras: the same after ``train_on_batch``, as the callback does in
-``fit``; JAX: ``params = gossip.step(loss, params)``), so the worker loop that drives it is
-framework-neutral.
+average one model. A trainer owns its framework's gossip idiom (PyTorch: ``update_send`` before the
+step and ``update_wait`` after; Keras: a callback; JAX: ``params = gossip.update_wait(loss,
+params)``), so the worker loop that drives it is framework-neutral. The demo compares gossip
+and isolated nodes at equal step counts, so its trainers use the blocking pair (one pull per
+step); a training loop of your own calls ``gossip.step(loss)`` after the optimizer step instead,
+which never waits (README).
 
 To add a framework, write a module here with a class that satisfies :class:`Trainer` and list it
 in :data:`TRAINERS`.

@@ -3,8 +3,9 @@
 JAX parameters are immutable, so averaging returns new ones and the loop keeps them::
 
     loss, grads = loss_and_grads(params, x, y)
+    gossip.update_send(loss, params)
     params = sgd_update(params, grads)
-    params = gossip.step(loss, params)
+    params = gossip.update_wait(loss, params)
 
 Unlike the other trainers this one sets no thread limit: JAX's CPU backend runs this model's
 small operations on one thread already (its CPU time equals its wall time, with or without
@@ -90,9 +91,12 @@ class JaxTrainer:
         """Run one SGD step on a batch (with gossip around it when connected); return the loss."""
         loss, grads = self._loss_and_grads(self.params, x, y.astype(np.int32))
         value = float(loss)
+        if self.gossip is not None:
+            # Publish the parameters this loss belongs to; the pull runs during the update.
+            self.gossip.update_send(value, self.params, samples=len(y))
         self.params = self._update(self.params, grads)
         if self.gossip is not None:
-            self.params = self.gossip.step(value, self.params, samples=len(y))  # a new pytree
+            self.params = self.gossip.update_wait(value, self.params)  # a new pytree
         return value
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -1,9 +1,9 @@
 """The demo's Keras trainer: the same MLP in Keras 3 (TensorFlow backend), gossip around each step.
 
 The demo's worker drives training one batch at a time, so this trainer calls
-``model.train_on_batch`` and then ``gossip.step(loss)``. That is exactly what
-``dpwa_tensorflow.GossipCallback`` does inside ``model.fit(..., callbacks=[gossip.callback()])``,
-the idiom for ordinary Keras training.
+``model.train_on_batch`` with the gossip calls around it: ``update_send`` before the step and
+``update_wait`` after it. That is exactly what ``dpwa_tensorflow.GossipCallback`` does inside
+``model.fit(..., callbacks=[gossip.callback()])``, the idiom for ordinary Keras training.
 """
 
 from __future__ import annotations
@@ -60,10 +60,14 @@ class KerasTrainer:
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         """Run one SGD step on a batch (with gossip around it when connected); return the loss."""
+        if self.gossip is not None:
+            if self._last_loss is None:  # the first step: no loss yet, measure the batch's
+                self._last_loss = self._batch_loss(x, y)
+            self.gossip.update_send(self._last_loss, samples=len(y))
         value = float(self.model.train_on_batch(x, y))
         self._last_loss = value
         if self.gossip is not None:
-            self.gossip.step(value, samples=len(y))  # blends a landed pull in place
+            self.gossip.update_wait(value)  # interpolates the peer's model in place
         return value
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -1,8 +1,8 @@
 """The demo's PyTorch trainer: an MLP, SGD, and gossip around each step.
 
-The integration is the one every PyTorch user writes: ``gossip.step(loss)`` after the optimizer
-step (blend a pull that landed into the model in place, publish it if a peer asked, start the
-next pull in the background; it never waits).
+The integration is the one every PyTorch user writes: ``update_send`` before the optimizer step
+(publish the parameters, start a pull in the background) and ``update_wait`` after it (blend the
+peer's parameters into the model in place).
 """
 
 from __future__ import annotations
@@ -52,10 +52,13 @@ class TorchTrainer:
         self.optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(self.model(inputs), labels)
         value = loss.item()
+        if self.gossip is not None:
+            # Publish the parameters this loss belongs to; the pull runs during the step.
+            self.gossip.update_send(value, samples=len(y))
         loss.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
         if self.gossip is not None:
-            self.gossip.step(value, samples=len(y))  # blends a landed pull in place
+            self.gossip.update_wait(value)  # interpolates the peer's model in place
         return value
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
