@@ -76,6 +76,7 @@ def measure(peers: int, nbytes: int, seconds: float, transport: str) -> dict[str
     """Run one measured node with ``peers`` peers; return its memory figures."""
     ports = free_ports(peers + 1)
     config = {
+        "start": "own",  # single pulls are measured, not training from one model
         "nodes": [
             {"name": f"w{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)
         ],

@@ -160,6 +160,7 @@ def _measure_node(
 ) -> tuple[list[float], list[float]]:
     ports = free_ports(2)
     config = {
+        "start": "own",  # single pulls are measured, not training from one model
         "nodes": [
             {"name": f"w{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)
         ],

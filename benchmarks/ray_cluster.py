@@ -128,6 +128,7 @@ def run_plain(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                     for n, p in zip(names, ports, strict=True)
                 ],
                 "timeout_ms": 1000,
+                "start": "own",  # pulls and restarts are measured, not training from one model
             }
         )
     )

@@ -145,6 +145,7 @@ def main() -> None:
         workdir = Path(tmp)
         names = [f"w{i + 1}" for i in range(args.nodes)]
         config = {
+            "start": "own",  # single pulls are measured, not training from one model
             "nodes": [
                 {"name": n, "host": "127.0.0.1", "port": p}
                 for n, p in zip(names, free_ports(args.nodes), strict=True)

@@ -249,6 +249,7 @@ def _cluster(args: argparse.Namespace) -> list[dict[str, Any]]:
     for mode in args.modes:
         ports = free_ports(2)
         configs[mode] = {
+            "start": "own",  # single pulls are measured, not training from one model
             "nodes": [
                 {"name": f"w{i + 1}", "host": "127.0.0.1", "port": p} for i, p in enumerate(ports)
             ],

@@ -368,6 +368,13 @@ class Node:
         self.clock += samples
         self._steps += 1
         self._snapshots.lazy = lazy
+        pending = self._pending
+        if self._joined_from is None and pending is not None and pending.done.is_set():
+            if pending.outcome is not Outcome.OK:
+                # A join round found no model: decide here too, so a node that only publishes
+                # (and never collects) still starts the cluster's model when it is first.
+                self._pending = None
+                self._joined(pending, 0)
         if self._joined_from is None or (lazy and not self._snapshots.wanted):
             return False
         return self._snapshots.publish(fill, self.clock, self.loss)
