@@ -44,12 +44,16 @@ def train(name: str, config: Path, steps: int) -> None:
         loss = float("nan")
         for step in range(1, steps + 1):
             batch = torch.randint(0, 1000, (32,))
+            # The blocking pair: each step waits for its pull. This job's steps take microseconds,
+            # so with gossip.step (which never waits) it would end before a pull lands; a real
+            # training loop calls gossip.step(loss) after the optimizer step instead.
+            gossip.update_send(loss if step > 1 else 1.0, samples=32)
             optimizer.zero_grad()
             loss_t = torch.nn.functional.mse_loss(model(x[batch]), y[batch])
             loss_t.backward()
             optimizer.step()
             loss = loss_t.item()
-            gossip.step(loss, samples=32)  # never waits for the network
+            gossip.update_wait(loss)
             if step % 50 == 0:
                 stats = gossip.node.stats()
                 error = (model.weight.detach().T - true_w).norm().item()
