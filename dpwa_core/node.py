@@ -369,12 +369,16 @@ class Node:
         self._steps += 1
         self._snapshots.lazy = lazy
         pending = self._pending
-        if self._joined_from is None and pending is not None and pending.done.is_set():
-            if pending.outcome is not Outcome.OK:
-                # A join round found no model: decide here too, so a node that only publishes
-                # (and never collects) still starts the cluster's model when it is first.
-                self._pending = None
-                self._joined(pending, 0)
+        # A join round that found no model is decided here too, so a node that only publishes
+        # (and never collects) still starts the cluster's model when it is first.
+        if (
+            self._joined_from is None
+            and pending is not None
+            and pending.done.is_set()
+            and pending.outcome is not Outcome.OK
+        ):
+            self._pending = None
+            self._joined(pending, 0)
         if self._joined_from is None or (lazy and not self._snapshots.wanted):
             return False
         return self._snapshots.publish(fill, self.clock, self.loss)

@@ -93,8 +93,7 @@ def test_pytorch_digits_nodes_learn_together(tmp_path: Path) -> None:
     for name, out in outputs.items():
         report = _last_report(out, name)
         assert report["step"] == 200, out
-        # They gossiped: gossip.step never waits, so at ~1 ms a step most steps see no pull.
-        assert report["pulls_ok"] >= 1, out
+        assert report["pulls_ok"] > 20, out  # they gossiped
         # And learned: chance is 10%. Runs here end between 76% and 92% after 200 noisy
         # steps at lr 0.5, so the bound leaves room for that noise.
         assert report["accuracy"] > 0.6, out

@@ -43,7 +43,7 @@ def main() -> None:
     y_train = y[400 + index :: len(config.nodes)]
 
     torch.set_num_threads(1)  # the nodes share this machine's cores
-    torch.manual_seed(index)  # any weights: every node copies the first node's before training
+    torch.manual_seed(index)  # each node starts from its own weights
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
 
@@ -52,12 +52,16 @@ def main() -> None:
     loss = 2.3  # about log(10): an untrained classifier's loss
     for step in range(1, args.steps + 1):
         batch = torch.randint(0, len(y_train), (32,))
+        # The blocking pair: this 200-step job's steps take a millisecond, and gossip.step
+        # (which never waits) would see a pull only every few steps; a long job calls
+        # gossip.step(loss) after optimizer.step() instead (README).
+        gossip.update_send(loss, samples=32)  # publish the model; maybe start a pull
         optimizer.zero_grad()
         loss_t = torch.nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
         loss_t.backward()
         optimizer.step()
         loss = loss_t.item()
-        gossip.step(loss, samples=32)  # blend a landed pull, publish, pull on; never waits
+        gossip.update_wait(loss)  # blend the peer's model into ours, in place
         if step % 100 == 0 or step == args.steps:
             with torch.no_grad():
                 accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
