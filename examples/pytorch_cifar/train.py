@@ -94,13 +94,16 @@ def main() -> None:
             rows = torch.randint(0, len(y_train), (args.batch_size,))
             inputs = cifar.augment(cifar.to_tensor(x_train[rows].numpy())).to(args.device)
             labels = y_train[rows].to(args.device)
+            # The blocking pair (each step waits for its pull); on a slow link call
+            # gossip.step(loss) after optimizer.step() instead, which never waits (README).
+            gossip.update_send(loss, samples=len(rows))  # publish; maybe start a pull
             optimizer.zero_grad(set_to_none=True)
             loss_t = torch.nn.functional.cross_entropy(model(inputs), labels)
             loss_t.backward()
             optimizer.step()
             schedule.step()
             loss = loss_t.item()
-            gossip.step(loss, samples=len(rows))  # blend a landed pull, publish; never waits
+            gossip.update_wait(loss)  # blend the peer's model into ours, in place
             if step % args.eval_every == 0 or step == args.steps:
                 accuracy = evaluate(model, x_test, y_test, args.device)
                 stats = gossip.node.stats()
