@@ -78,7 +78,7 @@ _SETTINGS = (
 )
 TRANSPORTS = ("auto", "tcp", "shm")
 """Values of ``transport``: shared memory with co-located peers when possible, or one path."""
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
+WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 """Values of ``wire_dtype``: the element type this node sends parameters as over TCP."""
 STARTS = ("shared", "own")
 """Values of ``start``: one model copied from a peer when joining, or each node its own."""
@@ -135,7 +135,8 @@ class Config:
         reject_nonfinite: refuse received parameters that hold NaN or Inf.
         transport: ``auto`` (shared memory with peers on this host, TCP otherwise), ``tcp``
             or ``shm`` (shared memory only; peers elsewhere cannot be pulled).
-        wire_dtype: ``float32``, ``float16`` or ``bfloat16``: what this node sends over TCP.
+        wire_dtype: ``float32``, ``float16``, ``bfloat16`` or ``int8`` (blockwise absmax): what
+            this node sends over TCP.
         blocking: whether ``Gossip.step`` / ``Node.step`` (and the Keras callback) wait for each
             pull, as the seed did; by default they never wait and blend each pull at the first
             step after it lands.

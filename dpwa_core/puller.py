@@ -49,7 +49,7 @@ from dpwa_core.wire import (
     recv_exact,
     send_all,
 )
-from dpwa_core.wire_dtype import CHUNK_ELEMENTS, WireDType, decode_into
+from dpwa_core.wire_dtype import SCRATCH_BYTES, WireDType, decode_into
 
 __all__ = ["RECEIVE_CHUNK", "Outcome", "Puller", "Ticket", "all_finite"]
 
@@ -481,7 +481,7 @@ class Puller:
                     self._finite = all_finite(chunk, self._mask)
         else:
             if self._scratch is None:
-                self._scratch = np.empty(CHUNK_ELEMENTS * 2, np.uint8)
+                self._scratch = np.empty(SCRATCH_BYTES, np.uint8)
 
             def receive(view: memoryview) -> None:
                 recv_exact(conn, view, deadline, self.idle)

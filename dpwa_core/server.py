@@ -53,7 +53,7 @@ from dpwa_core.wire import (
     send_all,
     transfer_deadline,
 )
-from dpwa_core.wire_dtype import CHUNK_ELEMENTS, WireDType, encode_chunks
+from dpwa_core.wire_dtype import SCRATCH_BYTES, WireDType, encode_chunks
 
 __all__ = ["FRESH_WAIT", "MAX_PER_HOST", "REQUEST_DEADLINE", "Server"]
 
@@ -522,7 +522,7 @@ class Server:
                 sent = HEADER.size + len(answer)
             else:
                 start = time.monotonic()
-                nbytes = layout.size * self.wire_dtype.itemsize
+                nbytes = self.wire_dtype.payload_bytes(layout.size)
                 deadline = transfer_deadline(start, nbytes, self.timeout)
                 sent = self._send_params(connection, layout, snapshot, deadline)
         if connection.session is not None:
@@ -550,7 +550,7 @@ class Server:
             loss=snapshot.loss,
             size=layout.size,
             shape_hash=layout.shape_hash,
-            length=layout.size * dtype.itemsize,
+            length=dtype.payload_bytes(layout.size),
             dtype=dtype,
         )
         mac = session.send.begin() if session is not None else None
@@ -560,7 +560,7 @@ class Server:
         scratch = _EMPTY
         if dtype is not WireDType.FLOAT32:
             if connection.scratch is None:
-                connection.scratch = np.empty(CHUNK_ELEMENTS * 2, np.uint8)
+                connection.scratch = np.empty(SCRATCH_BYTES, np.uint8)
             scratch = connection.scratch
         for chunk in encode_chunks(snapshot.params, dtype, scratch):
             if mac is None:
@@ -572,7 +572,7 @@ class Server:
                 send_all(conn, piece, deadline, idle)
         if mac is not None:
             send_all(conn, mac.digest(), deadline, idle)
-        return HEADER.size + layout.size * dtype.itemsize
+        return HEADER.size + dtype.payload_bytes(layout.size)
 
 
 _MAC_CHUNK = 1 << 20  # bytes tagged and sent at a time

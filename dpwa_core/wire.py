@@ -222,7 +222,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"{message_type.name} carries no payload, header says {length} bytes")
     if message_type is MessageType.LAYOUT_MISMATCH and length > MAX_TEXT_PAYLOAD:
         raise ProtocolError(f"layout description of {length} bytes exceeds {MAX_TEXT_PAYLOAD}")
-    if message_type is MessageType.PARAMS and length != element.itemsize * size:
+    if message_type is MessageType.PARAMS and length != element.payload_bytes(size):
         raise ProtocolError(
             f"payload of {length} bytes does not hold {size} {element.name.lower()} elements"
         )

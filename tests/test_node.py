@@ -16,6 +16,7 @@ import pytest
 from dpwa_core.layout import Layout
 from dpwa_core.node import Node
 from dpwa_core.wire import HEADER, MessageType, decode_header, encode_header
+from dpwa_core.wire_dtype import INT8_BLOCK, WireDType
 
 Cluster = Callable[..., dict[str, Any]]
 
@@ -295,6 +296,45 @@ def test_a_lying_server_cannot_make_the_puller_allocate(make_cluster: Cluster) -
             assert a.update_wait(1.0) is None
             assert a.stats()["pulls_failed"] == 1
             np.testing.assert_array_equal(mine, 0)
+    finally:
+        liar.close()
+
+
+@pytest.mark.parametrize("scale", [float("nan"), -1.0, float("inf"), 1e38])
+def test_a_hostile_int8_scale_fails_the_pull_with_one_log_line(
+    make_cluster: Cluster, scale: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_cluster(2, timeout_ms=500)
+    port = config["nodes"][1]["port"]
+    liar = socket.create_server(("127.0.0.1", port))
+    layout = Layout.flat(INT8_BLOCK + 1)  # two blocks; the second one's scale is hostile
+    payload = struct.pack("<2f", 0.5, scale) + b"\x7f" * layout.size
+
+    def lie() -> None:
+        conn, _ = liar.accept()
+        with conn:
+            conn.recv(HEADER.size)
+            header = encode_header(
+                MessageType.PARAMS,
+                size=layout.size,
+                shape_hash=layout.shape_hash,
+                length=len(payload),
+                dtype=WireDType.INT8,
+            )
+            conn.sendall(header + payload)
+            time.sleep(0.5)
+
+    threading.Thread(target=lie, daemon=True).start()
+    try:
+        with caplog.at_level(logging.WARNING), Node(config, "w1", layout=layout) as a:
+            mine = np.zeros(layout.size, np.float32)
+            a.update_send(mine, 1.0)
+            assert a.update_wait(1.0) is None
+            assert a.stats()["pulls_failed"] == 1
+            np.testing.assert_array_equal(mine, 0)
+        messages = [record.getMessage() for record in caplog.records]
+        lines = [line for line in messages if "int8 block 1 has scale" in line]
+        assert len(lines) == 1, lines
     finally:
         liar.close()
 

@@ -18,6 +18,7 @@ from conftest import cluster
 from dpwa_core import Node, shm
 from dpwa_core.puller import RECEIVE_CHUNK
 from dpwa_core.shm import SharedSegment
+from dpwa_core.wire_dtype import WireDType
 
 needs_shm = pytest.mark.skipif(not shm.available(), reason="needs POSIX shared memory files")
 SIZE = 50_000
@@ -119,9 +120,10 @@ def test_nonfinite_parameters_are_refused_on_every_path(transport: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("sender", "tolerance"), [("float16", 2**-11), ("bfloat16", 2**-8), ("float32", 0.0)]
+    ("sender", "tolerance"),
+    [("float16", 2**-11), ("bfloat16", 2**-8), ("float32", 0.0), ("int8", None)],
 )
-def test_peers_with_different_wire_dtypes_talk(sender: str, tolerance: float) -> None:
+def test_peers_with_different_wire_dtypes_talk(sender: str, tolerance: float | None) -> None:
     base = cluster(2, transport="tcp")
     receiver_config = {**base, "wire_dtype": "bfloat16" if sender != "bfloat16" else "float16"}
     sender_config = {**base, "wire_dtype": sender}
@@ -135,10 +137,15 @@ def test_peers_with_different_wire_dtypes_talk(sender: str, tolerance: float) ->
             result = a.update_wait(1.0)
             assert time.monotonic() < deadline
         error = np.abs(result.params.astype(np.float64) - values)
-        assert np.all(error <= tolerance * np.abs(values) + 2**-24)
-        itemsize = 4 if sender == "float32" else 2
-        assert a.stats()["bytes_in"] >= itemsize * SIZE
-        assert b.stats()["bytes_out"] < (itemsize + 1) * SIZE  # really sent narrower
+        if tolerance is None:  # int8: relative to the largest value of each 256-value block
+            blocks = np.abs(values[: SIZE // 256 * 256]).reshape(-1, 256).max(axis=1)
+            bound = np.repeat(blocks, 256) / 254 * (1 + 2**-22)
+            assert np.all(error[: bound.size] <= bound)
+        else:
+            assert np.all(error <= tolerance * np.abs(values) + 2**-24)
+        payload = WireDType[sender.upper()].payload_bytes(SIZE)
+        assert a.stats()["bytes_in"] >= payload
+        assert b.stats()["bytes_out"] < payload + SIZE / 4  # really sent narrower
 
 
 _NODE = """

@@ -80,7 +80,7 @@ def test_round_trip() -> None:
         (dict(type=10), "unknown message type 10"),
         (dict(flags=1), "unknown flags"),
         (dict(flags=2, type=1, length=0), "unknown flags 0x0002"),
-        (dict(dtype=4), "unknown payload dtype"),
+        (dict(dtype=5), "unknown payload dtype"),
         (dict(dtype=2), "does not hold 10 float16"),
         (dict(type=8, length=40), "SHM_PARAMS payload is 40 bytes"),
         (dict(r8=1), "reserved"),
