@@ -726,6 +726,9 @@ class Node:
             ``connections`` (open now), ``snapshots_skipped``, ``pulls_not_ready`` (pulls
             that found the peer up but not publishing yet; not counted as failed), ``pulls_shm`` and
             ``served_shm`` (pulls and answers through shared memory, counted in the totals too),
+            ``pull_s`` (seconds with a pull in flight: bytes_in * 8 / pull_s is the link rate
+            pulls got), ``pulls_busy`` (peers that answered BUSY, so another was asked) and
+            ``served_busy`` (pulls this node answered BUSY while sending to another peer),
             ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock``,
             ``steps`` (publish calls: one per training step), ``snapshots_published`` (model
             copies made for peers), ``blocked_s`` (seconds the training thread waited for
@@ -757,6 +760,9 @@ class Node:
         stats["bytes_in"] = self._puller.bytes_in if self._puller else 0
         stats["pulls_shm"] = self._puller.pulls_shm if self._puller else 0
         stats["served_shm"] = self._server.served_shm
+        stats["pull_s"] = self._puller.pull_s if self._puller else 0.0
+        stats["pulls_busy"] = self._puller.pulls_busy if self._puller else 0
+        stats["served_busy"] = self._server.served_busy
         stats["snapshots_skipped"] = self._snapshots.skipped if self._snapshots else 0
         stats["clock"] = self.clock
         stats["steps"] = self._steps

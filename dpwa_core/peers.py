@@ -3,13 +3,15 @@
 Each peer has a score in ``[MIN_SCORE, 1]``. A successful pull moves the score halfway back to 1;
 a failure halves it and a timeout quarters it. The next peer is drawn at random with probability
 proportional to its score, so a slow or dead peer is picked rarely, but never never: the random
-term keeps probing it, and one success brings it back into rotation.
+term keeps probing it, and one success brings it back into rotation. A pull whose peer answers
+BUSY (it is sending to someone else) draws again among the peers not yet asked.
 """
 
 from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 __all__ = ["MIN_SCORE", "Peer", "PeerTable"]
@@ -85,10 +87,14 @@ class PeerTable:
         with self._lock:
             return list(self._peers)
 
-    def choose(self) -> Peer | None:
-        """Draw a peer with probability proportional to its score; None when there are none."""
+    def choose(self, exclude: Collection[str] = ()) -> Peer | None:
+        """Draw a peer with probability proportional to its score; None when there are none.
+
+        Args:
+            exclude: names not to draw (peers already asked for this pull).
+        """
         with self._lock:
-            peers = list(self._peers.values())
+            peers = [p for p in self._peers.values() if p.name not in exclude]
             if not peers:
                 return None
             return self._rng.choices(peers, weights=[p.score for p in peers])[0]

@@ -38,6 +38,7 @@ from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.peers import Peer, PeerTable
 from dpwa_core.shm import SharedSegment
 from dpwa_core.wire import (
+    FLAG_IF_IDLE,
     FLAG_SHM,
     HEADER,
     SHM_ANSWER,
@@ -118,6 +119,10 @@ class _Link:
 
 class _NotReady(Exception):
     """The peer has published nothing yet."""
+
+
+class _Busy(Exception):
+    """The peer is sending parameters to someone else (answer to an IF_IDLE pull)."""
 
 
 class _NonFinite(Exception):
@@ -211,6 +216,10 @@ class Puller:
         self._warn = OncePerPeer(_log)
         self._failing: dict[str, int] = {}  # peer -> failed pulls since its last success
         self.bytes_in = 0
+        self.pulls_busy = 0
+        """Peers that answered BUSY (sending to someone else), so another one was asked."""
+        self.pull_s = 0.0
+        """Seconds with a pull in flight, from its start to its outcome."""
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"dpwa-puller-{name}", daemon=True)
         self._thread.start()
@@ -232,11 +241,13 @@ class Puller:
 
     def _run(self) -> None:
         while (ticket := self._queue.get()) is not None:
+            start = time.monotonic()
             try:
                 self._pull(ticket)
             except Exception:  # never let one bad pull kill the thread
                 _log.exception("%s: unexpected error during a pull", self.name)
                 ticket.resolve(Outcome.FAILED)
+            self.pull_s += time.monotonic() - start
         for link in list(self._conns.values()):
             link.sock.close()
         for segment in self._segments.values():
@@ -251,12 +262,22 @@ class Puller:
         if ticket.join:
             self._join(ticket)
             return
+        # A peer already sending to someone else says BUSY and the next one is asked, so
+        # pullers spread over idle servers; the last untried peer is asked unconditionally.
+        tried: list[str] = []
         peer = self._peers.choose()
-        if peer is None:
-            ticket.resolve(Outcome.FAILED)
+        while peer is not None:
+            tried.append(peer.name)
+            following = self._peers.choose(exclude=tried)
+            try:
+                outcome, fields = self._try(peer, ticket, if_idle=following is not None)
+            except _Busy:
+                self.pulls_busy += 1
+                peer = following
+                continue
+            ticket.resolve(outcome, peer.name, **fields)
             return
-        outcome, fields = self._try(peer, ticket)
-        ticket.resolve(outcome, peer.name, **fields)
+        ticket.resolve(Outcome.FAILED)
 
     def _join(self, ticket: Ticket) -> None:
         """Ask the ticket's peers in turn; the first that has a model answers the round."""
@@ -274,14 +295,17 @@ class Puller:
                 ticket.alive.add(name)
         ticket.resolve(Outcome.NOT_READY)
 
-    def _try(self, peer: Peer, ticket: Ticket) -> tuple[Outcome, dict[str, float]]:
+    def _try(
+        self, peer: Peer, ticket: Ticket, if_idle: bool = False
+    ) -> tuple[Outcome, dict[str, float]]:
         """Pull from ``peer`` into the buffer; the outcome and, on success, the answer's fields.
 
-        Scores the peer and logs what went wrong (bounded per peer).
+        Scores the peer and logs what went wrong (bounded per peer). With ``if_idle`` the peer
+        may answer BUSY instead, which raises :class:`_Busy` (no penalty).
         """
         start = time.monotonic()
         try:
-            clock, loss = self._exchange(peer, ticket)
+            clock, loss = self._exchange(peer, ticket, FLAG_IF_IDLE if if_idle else 0)
         except TimeoutError:
             self._close(peer.name)
             self._peers.record_timeout(peer.name)
@@ -340,12 +364,12 @@ class Puller:
             return deadline
         return min(deadline, time.monotonic() + self.idle)
 
-    def _exchange(self, peer: Peer, ticket: Ticket) -> tuple[float, float]:
-        """Send PULL, receive the answer; returns the peer's (clock, loss)."""
+    def _exchange(self, peer: Peer, ticket: Ticket, flags: int = 0) -> tuple[float, float]:
+        """Send PULL with ``flags``, receive the answer; returns the peer's (clock, loss)."""
         offer_shm = self.transport != "tcp" and peer.address not in self._no_shm
-        link = self._request(peer, ticket, FLAG_SHM if offer_shm else 0)
+        link = self._request(peer, ticket, flags | (FLAG_SHM if offer_shm else 0))
         for _ in range(3):
-            header = self._receive_answer(link, ticket.deadline, offer_shm)
+            header = self._receive_answer(link, ticket.deadline, offer_shm, flags & FLAG_IF_IDLE)
             if header.type is MessageType.PARAMS:
                 break
             self.bytes_in += HEADER.size + SHM_ANSWER.size
@@ -356,13 +380,16 @@ class Puller:
             offer_shm = self.transport == "shm"
             self._send(link, self._encode_request(ticket, FLAG_SHM if offer_shm else 0), ticket)
             recv_exact(link.sock, self._header, self._soon(ticket.deadline))
+            flags = 0  # asked again unconditionally: BUSY is no answer to that
         else:
             raise ProtocolError("the peer's shared-memory snapshot was overwritten during 3 copies")
         if not self._finite:
             raise _NonFinite
         return header.clock, header.loss
 
-    def _receive_answer(self, link: _Link, deadline: float, offer_shm: bool) -> Header:
+    def _receive_answer(
+        self, link: _Link, deadline: float, offer_shm: bool, if_idle: int = 0
+    ) -> Header:
         """Receive the rest of the answer whose header is in ``self._header``, check its tag.
 
         Nothing of the answer is acted on before its tag (with ``auth``) has been checked; a
@@ -384,6 +411,8 @@ class Puller:
             recv_exact(conn, self._shm_payload, deadline, self.idle)
             if mac is not None:
                 mac.update(self._shm_payload)
+        elif header.type is MessageType.BUSY and not if_idle:
+            raise ProtocolError("got BUSY in answer to a PULL that did not allow it")
         elif header.type is MessageType.LAYOUT_MISMATCH:
             payload = bytearray(header.length)  # bounded by MAX_TEXT_PAYLOAD in decode_header
             recv_exact(conn, memoryview(payload), deadline, self.idle)
@@ -435,6 +464,8 @@ class Puller:
         """Raise unless ``header`` (its tag checked) announces parameters."""
         if header.type is MessageType.NOT_READY:
             raise _NotReady
+        if header.type is MessageType.BUSY:
+            raise _Busy
         if header.type is MessageType.TLS_REQUIRED:
             raise ProtocolError(
                 "the peer requires TLS, but this node has no 'tls' configured; give every node "

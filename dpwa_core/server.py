@@ -39,6 +39,7 @@ from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.snapshot import Snapshot, SnapshotBuffer
 from dpwa_core.wire import (
+    FLAG_IF_IDLE,
     FLAG_SHM,
     HEADER,
     MAGIC,
@@ -175,6 +176,9 @@ class Server:
         """Connections closed for a bad request, a failed handshake or a timeout."""
         self.evicted = 0
         """Connections closed to make room for new ones."""
+        self.served_busy = 0
+        """PULLs flagged IF_IDLE answered BUSY because parameters were going out to a peer."""
+        self._sending = 0  # answers streaming parameters over TCP right now
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -495,6 +499,14 @@ class Server:
             )
             self._send(connection, time.monotonic() + self.timeout, reply + text)
             return False
+        segment = snapshots.segment if request.flags & FLAG_SHM else None
+        shm = segment is not None
+        if request.flags & FLAG_IF_IDLE and self._sending and not shm:
+            # Our link is taken: the puller asks an idle peer instead of sharing it.
+            with self._lock:
+                self.served_busy += 1
+            self._send(connection, time.monotonic() + self.timeout, encode_header(MessageType.BUSY))
+            return True
         # A lazily publishing trainer copies its model at its next step; wait for that copy.
         snapshots.want(wait=min(self.timeout, FRESH_WAIT))
         with snapshots.pinned() as snapshot:
@@ -502,13 +514,13 @@ class Server:
             if snapshot is None:
                 self._send(connection, deadline, encode_header(MessageType.NOT_READY))
                 return True
-            if request.flags & FLAG_SHM and snapshots.segment is not None:
+            if segment is not None:
                 # Co-located peers copy the pinned slot themselves; only its address goes out.
                 answer = ShmAnswer(
                     snapshot.slot,
                     snapshot.sequence,
-                    snapshots.segment.token,
-                    snapshots.segment.name,
+                    segment.token,
+                    segment.name,
                 ).encode()
                 reply = encode_header(
                     MessageType.SHM_PARAMS,
@@ -524,13 +536,19 @@ class Server:
                 start = time.monotonic()
                 nbytes = self.wire_dtype.payload_bytes(layout.size)
                 deadline = transfer_deadline(start, nbytes, self.timeout)
-                sent = self._send_params(connection, layout, snapshot, deadline)
+                with self._lock:
+                    self._sending += 1
+                try:
+                    sent = self._send_params(connection, layout, snapshot, deadline)
+                finally:
+                    with self._lock:
+                        self._sending -= 1
         if connection.session is not None:
             sent += MAC_SIZE
         with self._lock:
             self.served += 1
             self.bytes_out += sent
-            if request.flags & FLAG_SHM and snapshots.segment is not None:
+            if shm:
                 self.served_shm += 1
         return True
 

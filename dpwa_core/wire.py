@@ -26,6 +26,7 @@ __all__ = [
     "MAX_TEXT_PAYLOAD",
     "MIN_TRANSFER_RATE",
     "VERSION",
+    "FLAG_IF_IDLE",
     "FLAG_SHM",
     "SHM_ANSWER",
     "DType",
@@ -41,15 +42,18 @@ __all__ = [
 ]
 
 MAGIC = b"DPWA"
-VERSION = 2
-"""Version 2 tags every message after an ``auth`` handshake; version 1 is refused."""
+VERSION = 3
+"""Version 3 adds the int8 dtype, the IF_IDLE flag and BUSY; version 2 tags every message after
+an ``auth`` handshake. Other versions are refused."""
 HEADER = struct.Struct("<4sBBHBBHddQQQ")
 """magic, version, type, flags, dtype, reserved8, reserved16, clock, loss, size, hash, length."""
 MAX_TEXT_PAYLOAD = 64 * 1024
 """Largest layout description a LAYOUT_MISMATCH message may carry."""
 FLAG_SHM = 0x0001
 """PULL flag: the client can read the answer from shared memory (see :mod:`dpwa_core.shm`)."""
-_KNOWN_FLAGS = FLAG_SHM
+FLAG_IF_IDLE = 0x0002
+"""PULL flag: answer BUSY instead of parameters when already sending parameters to a peer."""
+_KNOWN_FLAGS = FLAG_SHM | FLAG_IF_IDLE
 SHM_ANSWER = struct.Struct("<B7xQ16s64s")
 """SHM_PARAMS payload: slot, pad, sequence, token, segment name (NUL-padded ASCII)."""
 
@@ -77,6 +81,9 @@ class MessageType(enum.IntEnum):
     UNSUPPORTED_VERSION = 9
     """Server refuses a request of another protocol version. Sent in the server's version, so a
     peer of another release reports both versions. No payload."""
+    BUSY = 10
+    """Server is sending parameters over TCP to another peer: ask someone else. Only sent to a
+    PULL flagged :data:`FLAG_IF_IDLE`. No payload."""
 
 
 class VersionError(ProtocolError):
@@ -91,6 +98,7 @@ _EMPTY = frozenset(
         MessageType.NO_AUTH,
         MessageType.TLS_REQUIRED,
         MessageType.UNSUPPORTED_VERSION,
+        MessageType.BUSY,
     }
 )
 

@@ -15,7 +15,7 @@ import pytest
 
 from dpwa_core.layout import Layout
 from dpwa_core.node import Node
-from dpwa_core.wire import HEADER, MessageType, decode_header, encode_header
+from dpwa_core.wire import HEADER, VERSION, MessageType, decode_header, encode_header
 from dpwa_core.wire_dtype import INT8_BLOCK, WireDType
 
 Cluster = Callable[..., dict[str, Any]]
@@ -257,7 +257,7 @@ def test_garbage_requests_are_logged_and_closed_and_service_continues(
     bad = [
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\x00" * 40,
         encode_header(MessageType.PARAMS, size=8, length=32),  # a server never receives PARAMS
-        struct.pack("<4sBBHBBHddQQQ", b"DPWA", 2, 1, 0, 1, 0, 0, 0.0, 0.0, 8, 0, 2**63),
+        struct.pack("<4sBBHBBHddQQQ", b"DPWA", VERSION, 1, 0, 1, 0, 0, 0.0, 0.0, 8, 0, 2**63),
     ]
     for data in bad:
         with socket.create_connection(a.address, timeout=2) as s:

@@ -27,7 +27,7 @@ import yaml
 
 from dpwa_core import auth
 from dpwa_core.node import Node
-from dpwa_core.wire import HEADER, MessageType, encode_header
+from dpwa_core.wire import HEADER, VERSION, MessageType, encode_header
 
 Cluster = Callable[..., dict[str, Any]]
 SECRET = "relay-test-secret-7f3a"
@@ -125,7 +125,7 @@ class Relay:
 
 def params_headers(data: bytes) -> int:
     """How many PARAMS or SHM_PARAMS headers of this protocol version ``data`` holds."""
-    return sum(data.count(b"DPWA" + bytes([2, kind])) for kind in (MessageType.PARAMS, 8))
+    return sum(data.count(b"DPWA" + bytes([VERSION, kind])) for kind in (MessageType.PARAMS, 8))
 
 
 def test_a_relay_without_the_secret_gets_no_parameters_and_passes_none(
@@ -299,11 +299,13 @@ def test_a_peer_of_the_old_version_gets_a_clear_refusal_and_no_parameters(
                     pull[4] = 1
                     old.sendall(pull)
                 answer = old.recv(HEADER.size)
-            assert answer[:4] in (b"DPWA", b"DPWH") and answer[4] == 2  # our version, no data
+            ours = {b"DPWA": VERSION, b"DPWH": auth.AUTH_VERSION}  # our versions, no data
+            assert answer[4] == ours[bytes(answer[:4])]
             assert b"\x00\x00\x80?" not in answer  # no float32 1.0 in it
             deadline = time.monotonic() + 10
             while node.stats()["rejected"] == 0:  # the refusal is logged as the node rejects
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             assert node.stats()["pulls_served"] == 0
-    assert "version 1, this node speaks 2" in caplog.text
+    assert f"protocol version 1, this node speaks {VERSION}" in caplog.text
+    assert f"handshake version 1, this node speaks {auth.AUTH_VERSION}" in caplog.text

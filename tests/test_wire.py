@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from dpwa_core.errors import ProtocolError
 from dpwa_core.wire import (
+    FLAG_IF_IDLE,
     FLAG_SHM,
     HEADER,
     MAX_TEXT_PAYLOAD,
@@ -28,7 +29,7 @@ from dpwa_core.wire import (
 
 FIELDS = dict(
     magic=b"DPWA",
-    version=2,
+    version=3,
     type=2,
     flags=0,
     dtype=1,
@@ -51,7 +52,7 @@ def test_header_is_52_bytes_little_endian() -> None:
     data = encode_header(MessageType.PARAMS, clock=3.0, loss=0.5, size=2, shape_hash=7, length=8)
     assert len(data) == 52
     assert data[:4] == b"DPWA"
-    assert data[4] == 2 and data[5] == 2
+    assert data[4] == 3 and data[5] == 2
     assert struct.unpack_from("<d", data, 12)[0] == 3.0
     assert struct.unpack_from("<Q", data, 44)[0] == 8
 
@@ -77,9 +78,9 @@ def test_round_trip() -> None:
         (dict(magic=b"HTTP"), "bad magic"),
         (dict(version=1), "protocol version 1"),
         (dict(type=0), "unknown message type 0"),
-        (dict(type=10), "unknown message type 10"),
+        (dict(type=11), "unknown message type 11"),
         (dict(flags=1), "unknown flags"),
-        (dict(flags=2, type=1, length=0), "unknown flags 0x0002"),
+        (dict(flags=4, type=1, length=0), "unknown flags 0x0004"),
         (dict(dtype=5), "unknown payload dtype"),
         (dict(dtype=2), "does not hold 10 float16"),
         (dict(type=8, length=40), "SHM_PARAMS payload is 40 bytes"),
@@ -160,7 +161,8 @@ def test_send_all_then_recv_exact_moves_a_large_buffer() -> None:
 
 
 @pytest.mark.parametrize(
-    "kind", [MessageType.AUTH_REQUIRED, MessageType.NO_AUTH, MessageType.TLS_REQUIRED]
+    "kind",
+    [MessageType.AUTH_REQUIRED, MessageType.NO_AUTH, MessageType.TLS_REQUIRED, MessageType.BUSY],
 )
 def test_refusals_carry_no_payload(kind: MessageType) -> None:
     assert decode_header(encode_header(kind)).type is kind
@@ -168,13 +170,17 @@ def test_refusals_carry_no_payload(kind: MessageType) -> None:
         decode_header(encode_header(kind, length=1))
 
 
-def test_pull_flag_and_half_precision_params_decode() -> None:
-    pull = decode_header(encode_header(MessageType.PULL, size=10, flags=FLAG_SHM))
-    assert pull.flags == FLAG_SHM
+def test_pull_flags_and_narrow_params_decode() -> None:
+    pull = decode_header(encode_header(MessageType.PULL, size=10, flags=FLAG_SHM | FLAG_IF_IDLE))
+    assert pull.flags == FLAG_SHM | FLAG_IF_IDLE
     params = decode_header(
         encode_header(MessageType.PARAMS, size=10, length=20, dtype=DType.BFLOAT16)
     )
     assert params.dtype is DType.BFLOAT16 and params.length == 20
+    int8 = decode_header(encode_header(MessageType.PARAMS, size=300, length=308, dtype=DType.INT8))
+    assert int8.dtype is DType.INT8  # 300 values and 2 block scales
+    with pytest.raises(ProtocolError, match="does not hold 300 int8 elements"):
+        decode_header(encode_header(MessageType.PARAMS, size=300, length=300, dtype=DType.INT8))
 
 
 def test_shm_answer_round_trip_and_checks() -> None:
