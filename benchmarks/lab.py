@@ -371,6 +371,21 @@ class Lab:
         stats = json.loads(done.stdout)[0]["stats64"]
         return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
 
+    def counters_all(self) -> list[tuple[int, int]]:
+        """:meth:`counters` of every host, read in one call from the switch's ports.
+
+        A port receives what its host sends and sends what its host receives, so host ``i``'s
+        ``(rx_bytes, tx_bytes)`` are the port's ``(tx_bytes, rx_bytes)``. One ``ip`` call for
+        the whole lab: cheap enough to sample every half second while the hosts train.
+        """
+        done = _run(["ip", "-n", self.switch_netns, "-s", "-j", "link", "show"])
+        ports = {link["ifname"]: link["stats64"] for link in json.loads(done.stdout)}
+        out = []
+        for host in self.hosts:
+            stats = ports[f"h{host.index}"]
+            out.append((int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])))
+        return out
+
     # -- tearing down -----------------------------------------------------------------------
 
     def close(self) -> None:

