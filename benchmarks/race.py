@@ -141,16 +141,7 @@ SETTINGS = {
     # per process with 16 at once (compute alone, 1 thread each), and at 20 Mbit/s one model
     # transfer takes 0.16 s, ~36 such steps (a ring all-reduce of it ~0.3 s, ~70 steps): the
     # links, not the CPU, bound the communicating systems. docs/RACE.md has the measurements.
-    "16nodes-small": Setting(
-        20,
-        False,
-        world=16,
-        hidden=(128,),
-        skip={
-            "hivemind": "skipped: 16 hivemind peers (a p2pd, a DHT and an averager process "
-            "each) do not start within reason on 2 cores; see docs/RACE.md"
-        },
-    ),
+    "16nodes-small": Setting(20, False, world=16, hidden=(128,)),
 }
 SYSTEMS = {
     "dpwa": System("dpwa", "default"),
@@ -347,6 +338,10 @@ def run_system(
                 )
         start, end = spec["start_at"], spec["start_at"] + args.seconds
         deadline = end + args.grace
+
+        def wrote(rank: int) -> bool:
+            return os.path.exists(os.path.join(run_dir, f"rank{rank}.json"))
+
         # (seconds since the start, bytes sent by each host): from a sample before the start
         # to one after the workers are done, so the training window lies inside them.
         samples: list[tuple[float, list[int]]] = []
@@ -355,8 +350,10 @@ def run_system(
         while True:
             now = time.time()
             codes = [p.poll() for p in procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
+            # A rank that wrote its result and then exited non-zero (hivemind's watchdog, past
+            # the end) has a result all the same; one that exited without a result failed.
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0) and not wrote(r)]
+            if failed or all(c is not None for c in codes):
                 break
             if now >= next_sample:
                 samples.append((time.time() - start, [tx for _, tx in lab.counters_all()]))
@@ -373,11 +370,12 @@ def run_system(
                 break
             time.sleep(0.1)
         samples.append((time.time() - start, [tx for _, tx in lab.counters_all()]))
-    for rank in failed:
-        _log(f"{setting_name} {name}: rank {rank} failed, last lines of {logs[rank]}:")
-        print(_tail(logs[rank]), file=sys.stderr, flush=True)
     if failed:
         rank = failed[0]
+        _log(f"{setting_name} {name}: rank {rank} failed, last lines of {logs[rank]}:")
+        print(_tail(logs[rank]), file=sys.stderr, flush=True)
+        if len(failed) > 1:
+            _log(f"{setting_name} {name}: ranks {failed[1:]} failed too (logs in {run_dir})")
         return f"failed: rank {rank}: {_error_line(logs[rank])} (log {logs[rank]})"
     results = []
     for rank in range(world):
@@ -390,7 +388,11 @@ def run_system(
             results.append(json.load(f))
     if args.no_lab or samples[0][0] > 0:
         samples = []  # no counters, or none from before the start: MB figures unknown
-    return {"ranks": results, "samples": samples, "spec": spec, "setting": setting}
+    for rank, code in enumerate(codes):
+        if code not in (None, 0):
+            _log(f"{setting_name} {name}: rank {rank} exited {code} after writing its result")
+    run = {"ranks": results, "samples": samples, "spec": spec, "setting": setting}
+    return run | {"exit_codes": codes}
 
 
 def evaluate(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -471,6 +473,7 @@ def summarize(run: dict[str, Any], times: np.ndarray, acc: np.ndarray, target: f
         "mb_sent_per_rank": sent,
         "mb_to_target": mb_to_target,
         "late_s": max(r.get("late_s", 0.0) for r in ranks),
+        "exit_codes": run["exit_codes"],
         "steps": [r["steps"] for r in ranks],
         "curve": [[round(t, 3), round(a, 4)] for t, a in curve],
     }
