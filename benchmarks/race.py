@@ -392,7 +392,7 @@ def run_system(
         if code not in (None, 0):
             _log(f"{setting_name} {name}: rank {rank} exited {code} after writing its result")
     run = {"ranks": results, "samples": samples, "spec": spec, "setting": setting}
-    return run | {"exit_codes": codes}
+    return run | {"exit_codes": codes, "lab": not args.no_lab}
 
 
 def evaluate(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -485,6 +485,8 @@ def summarize(run: dict[str, Any], times: np.ndarray, acc: np.ndarray, target: f
         summary["dpwa"]["pulls_ok_per_rank"] = [s.get("pulls_ok") for s in stats]
         summary["dpwa"]["pull_s_per_rank"] = [s.get("pull_s") for s in stats]
         use = [_link_use(s, rate) for s, rate in zip(stats, setting.link_rates(), strict=True)]
+        if not run["lab"]:
+            use = [None] * len(use)  # loopback links have no rate
         summary["link_use_pulling_per_rank"] = use
         known = [u for u in use if u is not None]
         summary["link_use_pulling"] = float(np.mean(known)) if known else None
