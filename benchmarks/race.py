@@ -545,7 +545,8 @@ def table(setting_name: str, rows: dict[str, dict | str], target: float, baselin
                 _fmt(s["slow_final_acc"], ".1%"),
             ]
         lines.append(line)
-    widths = [max(len(r[i]) for r in lines if i < len(r) and len(r) > 2) for i in range(len(head))]
+    # A row that is only a message (skipped, failed) sets the name column's width, no other.
+    widths = [max(len(r[i]) for r in lines if len(r) > 2 or i == 0) for i in range(len(head))]
     out = []
     for i, r in enumerate(lines):
         if len(r) == 2 and i > 0:
