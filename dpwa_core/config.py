@@ -78,7 +78,7 @@ _SETTINGS = (
 )
 TRANSPORTS = ("auto", "tcp", "shm")
 """Values of ``transport``: shared memory with co-located peers when possible, or one path."""
-WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+WIRE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 """Values of ``wire_dtype``: the element type this node sends parameters as over TCP."""
 STARTS = ("shared", "own")
 """Values of ``start``: one model copied from a peer when joining, or each node its own."""
@@ -135,8 +135,9 @@ class Config:
         reject_nonfinite: refuse received parameters that hold NaN or Inf.
         transport: ``auto`` (shared memory with peers on this host, TCP otherwise), ``tcp``
             or ``shm`` (shared memory only; peers elsewhere cannot be pulled).
-        wire_dtype: ``float32``, ``float16``, ``bfloat16`` or ``int8`` (blockwise absmax): what
-            this node sends over TCP.
+        wire_dtype: what this node sends parameters as over TCP: ``auto`` (int8 to peers on
+            other hosts, float32 over loopback), ``float32``, ``float16``, ``bfloat16`` or
+            ``int8`` (blockwise absmax, docs/PROTOCOL.md).
         blocking: whether ``Gossip.step`` / ``Node.step`` (and the Keras callback) wait for each
             pull, as the seed did; by default they never wait and blend each pull at the first
             step after it lands.
@@ -161,7 +162,7 @@ class Config:
     methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     reject_nonfinite: bool = True
     transport: str = "auto"
-    wire_dtype: str = "float32"
+    wire_dtype: str = "auto"
     blocking: bool = False
     start: str = "shared"
     auth: AuthSettings | None = None

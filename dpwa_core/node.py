@@ -44,7 +44,6 @@ from dpwa_core.shm import SharedSegment
 from dpwa_core.snapshot import SnapshotBuffer
 from dpwa_core.tls import client_context, server_context
 from dpwa_core.wire import transfer_deadline
-from dpwa_core.wire_dtype import wire_dtype
 
 __all__ = ["Node", "PullResult"]
 
@@ -52,7 +51,9 @@ _log = get_logger("node")
 Source = np.ndarray | Callable[[np.ndarray], object]
 """A model given to the node: a 1-D float32 array, or ``fill(out)`` writing it into ``out``."""
 _JOIN_RETRY = 0.02  # seconds between join rounds that found no model
+_JOIN_BUSY_RETRY = 0.1  # ... and after one whose only models were busy being sent elsewhere
 _JOIN_PATIENCE = 30.0  # seconds after which a joining node starts its own model anyway
+_SEED_GRACE = 5.0  # seconds a node after the first waits for the nodes before it to come up
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ class Node:
             member_hosts=[n.host for n in self.config.nodes],
             secret=self._secret,
             tls=server_context(tls, self.config.source) if tls else None,
-            wire_dtype=wire_dtype(self.config.wire_dtype),
+            wire_dtype=self.config.wire_dtype,
         )
         if layout is not None:
             try:
@@ -459,11 +460,15 @@ class Node:
         # The request's loss is informational; keep it finite so peers accept the request.
         request_loss = self.loss if math.isfinite(self.loss) else 0.0
         join: tuple[str, ...] = ()
+        if_idle = False
         if self._joined_from is None:
             if now < self._join_next:
                 return False
             order = [n.name for n in self.config.nodes if n.name in names]
             join = (*order, *(n for n in names if n not in order))
+            # Skip a sponsor busy sending (joiners then spread over the nodes that have the
+            # model instead of sharing one link), until half the patience is spent.
+            if_idle = now - self._join_started < self._join_patience / 2
         elif self._rng.random() >= self.config.pull_probability:
             return False
         delta = current is not None and not blocking
@@ -472,7 +477,13 @@ class Node:
                 self._puller.reference = np.empty(self._layout.size, np.float32)
             _filler(current)(self._puller.reference)  # no pull is in flight: ours to write
         self._pending = Ticket(
-            deadline, self.clock, request_loss, join=join, step=self._steps, delta=delta
+            deadline,
+            self.clock,
+            request_loss,
+            join=join,
+            step=self._steps,
+            delta=delta,
+            if_idle=if_idle,
         )
         self._puller.submit(self._pending)
         return True
@@ -579,7 +590,14 @@ class Node:
         mine = [n.name for n in self.config.nodes].index(self.name)
         before = {n.name for n in self.config.nodes[:mine]}
         waited = now - self._join_started
-        if ticket.outcome is Outcome.NOT_READY and not ticket.alive & before:
+        if ticket.busy:  # a peer has a model and will have time for us soon
+            self._join_next = now + _JOIN_BUSY_RETRY
+        elif (
+            ticket.outcome is Outcome.NOT_READY
+            and not ticket.alive & before
+            and before <= ticket.asked  # every node before it was asked (none cut off)
+            and (not before or waited >= _SEED_GRACE)  # and had time to come up
+        ):
             self._seed("no peer before it in the config is up with a model yet")
         elif waited > self._join_patience:
             self._seed(f"no peer gave it a model within {waited:.0f} s")

@@ -88,6 +88,12 @@ class Ticket:
     at the request, and a valid answer is turned into ``peer - reference`` (after clipping)."""
     alive: set[str] = field(default_factory=set)
     """Peers that answered NOT_READY during a join round: up, but with no model yet."""
+    asked: set[str] = field(default_factory=set)
+    """Peers a join round got any answer or error from (not those a deadline cut off)."""
+    busy: set[str] = field(default_factory=set)
+    """Peers that answered BUSY during a join round: they have a model but were sending."""
+    if_idle: bool = False
+    """Ask a join round's peers with IF_IDLE, so a busy sponsor is skipped, not shared."""
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     peer: str = ""
@@ -287,7 +293,14 @@ class Puller:
                 continue
             if time.monotonic() >= ticket.deadline:
                 break
-            outcome, fields = self._try(peer, ticket)
+            try:
+                outcome, fields = self._try(peer, ticket, if_idle=ticket.if_idle)
+            except _Busy:
+                self.pulls_busy += 1
+                ticket.asked.add(name)
+                ticket.busy.add(name)
+                continue
+            ticket.asked.add(name)
             if outcome is Outcome.OK:
                 ticket.resolve(outcome, name, **fields)
                 return

@@ -54,7 +54,7 @@ from dpwa_core.wire import (
     send_all,
     transfer_deadline,
 )
-from dpwa_core.wire_dtype import SCRATCH_BYTES, WireDType, encode_chunks
+from dpwa_core.wire_dtype import SCRATCH_BYTES, WireDType, encode_chunks, wire_dtype_for
 
 __all__ = ["FRESH_WAIT", "MAX_PER_HOST", "REQUEST_DEADLINE", "Server"]
 
@@ -120,7 +120,7 @@ class Server:
         secret: the shared secret every connection must prove (see :mod:`dpwa_core.auth`), or
             None to serve anyone who connects.
         tls: a server TLS context (see :mod:`dpwa_core.tls`), or None for plain TCP.
-        wire_dtype: the element type parameters are sent as over TCP.
+        wire_dtype: the element type parameters are sent as over TCP, or ``"auto"``.
         name: this node's name, which the handshake binds; clients that dialled another name,
             or claim this one, are refused.
         members: the names the handshake accepts from clients (the config's nodes); empty
@@ -140,7 +140,7 @@ class Server:
         idle_timeout: float = 120.0,
         secret: bytes | None = None,
         tls: ssl.SSLContext | None = None,
-        wire_dtype: WireDType = WireDType.FLOAT32,
+        wire_dtype: WireDType | str = WireDType.FLOAT32,
         name: str = "server",
         members: Iterable[str] = (),
         member_hosts: Iterable[str] = (),
@@ -167,7 +167,8 @@ class Server:
         self._lock = threading.Lock()
         self._rejections = OncePerPeer(_log)
         self.wire_dtype = wire_dtype
-        """The element type this server sends parameters as over TCP."""
+        """What this server sends parameters as over TCP: a dtype, or ``"auto"`` (int8 to other
+        hosts, float32 to loopback peers: :func:`~dpwa_core.wire_dtype.wire_dtype_for`)."""
         self.served = 0
         self.served_shm = 0
         """Pulls answered with a shared-memory address instead of the parameters."""
@@ -500,8 +501,7 @@ class Server:
             self._send(connection, time.monotonic() + self.timeout, reply + text)
             return False
         segment = snapshots.segment if request.flags & FLAG_SHM else None
-        shm = segment is not None
-        if request.flags & FLAG_IF_IDLE and self._sending and not shm:
+        if request.flags & FLAG_IF_IDLE and self._sending and segment is None:
             # Our link is taken: the puller asks an idle peer instead of sharing it.
             with self._lock:
                 self.served_busy += 1
@@ -530,11 +530,13 @@ class Server:
                     shape_hash=layout.shape_hash,
                     length=len(answer),
                 )
+                with self._lock:  # counted before the peer can see the answer
+                    self.served_shm += 1
                 self._send(connection, deadline, reply + answer)
                 sent = HEADER.size + len(answer)
             else:
                 start = time.monotonic()
-                nbytes = self.wire_dtype.payload_bytes(layout.size)
+                nbytes = self._dtype(connection).payload_bytes(layout.size)
                 deadline = transfer_deadline(start, nbytes, self.timeout)
                 with self._lock:
                     self._sending += 1
@@ -548,9 +550,13 @@ class Server:
         with self._lock:
             self.served += 1
             self.bytes_out += sent
-            if shm:
-                self.served_shm += 1
         return True
+
+    def _dtype(self, connection: _Connection) -> WireDType:
+        """The dtype parameters go out in on ``connection``."""
+        if isinstance(self.wire_dtype, WireDType):
+            return self.wire_dtype
+        return wire_dtype_for(self.wire_dtype, connection.host)
 
     def _send_params(
         self, connection: _Connection, layout: Layout, snapshot: Snapshot, deadline: float
@@ -560,7 +566,7 @@ class Server:
         ``deadline`` is far enough for a slow link; a peer that takes no byte for ``timeout``
         seconds is dropped long before it.
         """
-        conn, session, dtype = connection.sock, connection.session, self.wire_dtype
+        conn, session, dtype = connection.sock, connection.session, self._dtype(connection)
         idle = self.timeout
         reply = encode_header(
             MessageType.PARAMS,

@@ -2,8 +2,11 @@
 
 A node converts its float32 snapshot to its configured ``wire_dtype`` as it sends, and a
 receiver converts whatever dtype the header names back to float32 as it receives, so peers with
-different wire dtypes still talk. Conversion runs chunk by chunk through a scratch buffer of
-:data:`CHUNK_ELEMENTS` elements, so it never allocates anything the size of the model.
+different wire dtypes still talk. ``auto`` (the default) sends int8 to peers on other hosts and
+float32 to peers connected through a loopback address, where bytes cost nothing but the
+conversion would (see :func:`wire_dtype_for`). Conversion runs chunk by chunk through a
+scratch buffer of :data:`CHUNK_ELEMENTS` elements, so it never allocates anything the size of
+the model.
 
 Error added by one round trip (float32 -> wire -> float32), per element ``x``:
 
@@ -29,6 +32,7 @@ are whole blocks, so the payload of ``n`` values is ``n + 4 * ceil(n / INT8_BLOC
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -44,6 +48,7 @@ __all__ = [
     "decode_into",
     "encode_chunks",
     "wire_dtype",
+    "wire_dtype_for",
 ]
 
 CHUNK_ELEMENTS = 1 << 16
@@ -90,6 +95,30 @@ def wire_dtype(name: str) -> WireDType:
     except KeyError:
         known = ", ".join(member.name.lower() for member in WireDType)
         raise ValueError(f"unknown wire dtype {name!r}; known: {known}") from None
+
+
+def wire_dtype_for(name: str, host: str) -> WireDType:
+    """What a node configured with ``wire_dtype: name`` sends to a peer connected from ``host``.
+
+    Args:
+        name: the config value: ``auto`` or a dtype name (see :func:`wire_dtype`).
+        host: the peer's address as the server sees it, e.g. ``"10.0.0.7"`` or ``"::1"``.
+
+    Returns:
+        For ``auto``: float32 when ``host`` is a loopback address, int8 otherwise (a host
+        name that is not an address counts as another host). Otherwise the named dtype.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name != "auto":
+        return wire_dtype(name)
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return WireDType.INT8
+    mapped = getattr(address, "ipv4_mapped", None)
+    return WireDType.FLOAT32 if (mapped or address).is_loopback else WireDType.INT8
 
 
 def _to_bfloat16(src: np.ndarray, out: np.ndarray) -> None:

@@ -11,8 +11,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from dpwa_core.launchers import LAUNCHERS
+
+# Property tests bound correctness, never time: on a loaded 2-core CI machine one example can
+# take longer than hypothesis's default 200 ms deadline, which it reports as a failure.
+settings.register_profile("dpwa", deadline=None)
+settings.load_profile("dpwa")
 
 
 def free_ports(count: int) -> list[int]:

@@ -119,6 +119,30 @@ def test_when_every_peer_is_busy_the_last_one_asked_answers(make_cluster: Cluste
         assert w2.stats()["served_busy"] + w3.stats()["served_busy"] == 1
 
 
+def test_a_joiner_skips_a_busy_sponsor_and_copies_it_once_it_is_idle(
+    make_cluster: Cluster,
+) -> None:
+    config = make_cluster(2, transport="tcp", timeout_ms=TIMEOUT_MS, start="shared")
+    with Node(config, "w1", layout=BIG) as w1, Node(config, "w2", layout=BIG) as w2:
+        model = np.full(BIG.size, 1.0, np.float32)
+        while not w1.joined:  # the first node starts the cluster's model
+            w1.step(model, 1.0)
+        mine = np.full(BIG.size, 9.0, np.float32)
+        with stalled_answer(w1.address):
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                assert w2.step(mine, 1.0) is None
+                time.sleep(0.01)
+            assert not w2.joined and w2.stats()["pulls_busy"] >= 2  # asked again and again
+            assert w1.stats()["served_busy"] == w2.stats()["pulls_busy"]
+        deadline = time.monotonic() + 20
+        while not w2.joined:
+            assert time.monotonic() < deadline, w2.stats()
+            w2.step(mine, 1.0)
+            time.sleep(0.01)
+        assert w2.stats()["joined_from"] == "w1" and np.all(mine == 1.0)
+
+
 def test_busy_in_answer_to_a_plain_pull_is_a_protocol_error(
     make_cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:

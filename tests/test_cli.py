@@ -44,7 +44,7 @@ def test_check_summarizes_a_good_config(capsys: pytest.CaptureFixture[str]) -> N
     assert "w1 localhost:45000" in out and "w4 localhost:45003" in out
     assert "constant (value=0.5)" in out
     assert "divergence_threshold  0.2" in out
-    assert "transport             auto" in out and "wire_dtype            float32" in out
+    assert "transport             auto" in out and "wire_dtype            auto" in out
     assert "auth                  off" in out and "tls                   off" in out
     assert "this node" not in out
 

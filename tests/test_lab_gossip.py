@@ -32,7 +32,7 @@ def test_pulls_run_under_many_steps_over_a_shaped_link(
     }
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
-    size = 500_000  # 2 MB: 0.8 s at 20 Mbit/s, some 80 steps of 10 ms
+    size = 2_000_000  # 2 MB as int8 (wire_dtype auto, between hosts): 0.8 s at 20 Mbit/s
     runs = [(0, "w1", 1.0), (1, "w2", 100.0)]
     procs = []
     for index, name, value in runs:
@@ -55,6 +55,8 @@ def test_pulls_run_under_many_steps_over_a_shaped_link(
         assert stats["pulls_ok"] >= 1, (name, stats)
         # Other hosts: the peer's one shared-memory offer fails to attach, then TCP only.
         assert stats["pulls_shm"] == 0 and stats["served_shm"] <= 1, stats
+        # Between hosts `wire_dtype: auto` sends int8: about 1 byte per value, not float32's 4.
+        assert stats["bytes_in"] < 1.1 * size * (stats["pulls_ok"] + 1), stats
         # The training thread waited only to join (its first step), never for a pull.
         assert stats["blocked_s"] == stats["join_s"], stats
         # The pull ran under many steps: requested, then blended dozens of steps later.

@@ -282,3 +282,22 @@ def test_a_joiner_keeps_training_and_its_copy_keeps_those_steps(make_cluster: Cl
         assert result is not None and result.joined and result.factor == 1.0
         result.blend_into(p2)
         assert np.all(p2 == 6.0)  # w1's 1 plus the joiner's own 5 steps' worth
+
+
+def test_a_later_node_started_first_waits_for_the_first_node_to_start_the_model(
+    make_cluster: Cluster,
+) -> None:
+    """w2 comes up 2 s before w1 (within the seed grace): it does not start a second model."""
+    config = make_cluster(2, start="shared")
+    with Node(config, "w2") as w2:
+        p2 = np.full(10, 5.0, np.float32)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            w2.step(p2, 1.0)
+            time.sleep(0.01)
+        assert w2.stats()["joined_from"] is None  # still waiting for the node before it
+        with Node(config, "w1") as w1:
+            p1 = np.full(10, 1.0, np.float32)
+            steps_until({w1: p1, w2: p2}, lambda: w2.stats()["joined_from"] is not None)
+            assert w1.stats()["joined_from"] == "w1" and w2.stats()["joined_from"] == "w1"
+            assert np.all(p2 == 1.0)

@@ -23,6 +23,7 @@ from dpwa_core.wire_dtype import (
     decode_into,
     encode_chunks,
     wire_dtype,
+    wire_dtype_for,
 )
 
 SCRATCH = np.empty(SCRATCH_BYTES, np.uint8)
@@ -66,6 +67,29 @@ def test_lookup_by_config_name() -> None:
     assert wire_dtype("int8") is WireDType.INT8
     with pytest.raises(ValueError, match="known: float32, float16, bfloat16, int8"):
         wire_dtype("int4")
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", WireDType.FLOAT32),
+        ("127.3.4.5", WireDType.FLOAT32),
+        ("::1", WireDType.FLOAT32),
+        ("[::1]", WireDType.FLOAT32),
+        ("::ffff:127.0.0.1", WireDType.FLOAT32),
+        ("10.77.0.2", WireDType.INT8),
+        ("192.168.1.9", WireDType.INT8),
+        ("fe80::1", WireDType.INT8),
+        ("not-an-address", WireDType.INT8),
+    ],
+)
+def test_auto_sends_int8_between_hosts_and_float32_over_loopback(
+    host: str, expected: WireDType
+) -> None:
+    assert wire_dtype_for("auto", host) is expected
+    assert wire_dtype_for("bfloat16", host) is WireDType.BFLOAT16  # a named dtype is kept
+    with pytest.raises(ValueError, match="unknown wire dtype"):
+        wire_dtype_for("int4", host)
 
 
 @pytest.mark.parametrize("size", [1, 255, 256, 257, CHUNK_ELEMENTS, CHUNK_ELEMENTS + 1])
