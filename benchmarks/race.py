@@ -151,13 +151,14 @@ SYSTEMS = {
     "dpwa-own": System("dpwa", "own", {"start": "own"}),
     "dpwa-noclip": System("dpwa", "noclip", {"robust": {"clip": False}}),
     "dpwa-clip2": System("dpwa", "clip2", {"robust": {"clip_scale": 2.0}}),
+    "dpwa-f32": System("dpwa", "f32", {"wire_dtype": "float32"}),
     "dpwa-bf16": System("dpwa", "bf16", {"wire_dtype": "bfloat16"}),
     "dpwa-int8": System("dpwa", "int8", {"wire_dtype": "int8"}),
     "ddp": System("ddp", "default"),
     "localsgd": System("localsgd", "p16", {"period": 16}),
     "hivemind": System("hivemind", "default"),
 }
-DEFAULT_SYSTEMS = "dpwa,dpwa-p16,ddp,localsgd,hivemind"
+DEFAULT_SYSTEMS = "dpwa,ddp,localsgd,hivemind"
 LEGEND = (
     "blocked %: time the training thread spent in communication calls / wall time "
     "(dpwa: gossip calls; localsgd: average_parameters; ddp: step wall time minus a per-rank "
