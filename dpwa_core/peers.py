@@ -5,6 +5,14 @@ a failure halves it and a timeout quarters it. The next peer is drawn at random 
 proportional to its score, so a slow or dead peer is picked rarely, but never never: the random
 term keeps probing it, and one success brings it back into rotation. A pull whose peer answers
 BUSY (it is sending to someone else) draws again among the peers not yet asked.
+
+The draw also follows the links: each peer keeps a moving average of how long its successful
+pulls took, and a peer whose pulls take ``k`` times the median peer's is drawn ``1/k**2`` as
+often (peers at or under the median are not favoured). A peer behind a slow link is then pulled
+rarely, and the time a puller spends on it falls as ``1/k``, while the slow node itself keeps
+pulling its faster peers. Only pulls over TCP are timed (the puller passes no time for one read
+from shared memory), so co-located peers never crowd out the peers on other hosts; peers
+without a timed pull count as the median.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ __all__ = ["MIN_SCORE", "Peer", "PeerTable"]
 MIN_SCORE = 0.01
 _FAILURE_DECAY = 0.5
 _TIMEOUT_DECAY = 0.25
+_SECONDS_WEIGHT = 0.3  # weight of the newest pull in a peer's moving average of pull time
 
 
 @dataclass
@@ -32,6 +41,8 @@ class Peer:
     ok: int = 0
     failed: int = 0
     timed_out: int = 0
+    seconds: float | None = None
+    """Moving average of how long this peer's successful pulls took; None before the first."""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -97,15 +108,29 @@ class PeerTable:
             peers = [p for p in self._peers.values() if p.name not in exclude]
             if not peers:
                 return None
-            return self._rng.choices(peers, weights=[p.score for p in peers])[0]
+            timed = sorted(p.seconds for p in self._peers.values() if p.seconds is not None)
+            median = timed[(len(timed) - 1) // 2] if timed else 0.0  # the lower median
+            weights = [
+                p.score * min(1.0, median / p.seconds) ** 2 if p.seconds else p.score for p in peers
+            ]
+            return self._rng.choices(peers, weights=weights)[0]
 
-    def record_success(self, name: str) -> None:
-        """A pull from ``name`` succeeded: raise its score halfway to 1."""
+    def record_success(self, name: str, seconds: float | None = None) -> None:
+        """A pull from ``name`` succeeded: raise its score halfway to 1.
+
+        Args:
+            name: the peer.
+            seconds: how long the pull took, for the peer's moving average (None: not timed).
+        """
         with self._lock:
             peer = self._peers.get(name)
             if peer is not None:
                 peer.ok += 1
                 peer.score += (1.0 - peer.score) / 2
+                if seconds is not None and seconds > 0:
+                    old = peer.seconds
+                    new = seconds if old is None else old + _SECONDS_WEIGHT * (seconds - old)
+                    peer.seconds = new
 
     def record_failure(self, name: str) -> None:
         """A pull from ``name`` failed (refused, reset, malformed): halve its score."""
@@ -123,8 +148,9 @@ class PeerTable:
                 peer.timed_out += 1
                 peer.score = max(MIN_SCORE, peer.score * _TIMEOUT_DECAY)
 
-    def counts(self) -> dict[str, dict[str, float]]:
-        """Each peer's ``score`` and its ``ok``, ``failed`` and ``timed_out`` pull counts."""
+    def counts(self) -> dict[str, dict[str, float | None]]:
+        """Each peer's ``score``, its ``ok``, ``failed`` and ``timed_out`` pull counts, and
+        ``seconds`` (moving average of its pull time; None before one finished)."""
         with self._lock:
             return {
                 name: {
@@ -132,6 +158,7 @@ class PeerTable:
                     "ok": peer.ok,
                     "failed": peer.failed,
                     "timed_out": peer.timed_out,
+                    "seconds": peer.seconds,
                 }
                 for name, peer in self._peers.items()
             }

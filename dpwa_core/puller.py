@@ -316,7 +316,7 @@ class Puller:
         Scores the peer and logs what went wrong (bounded per peer). With ``if_idle`` the peer
         may answer BUSY instead, which raises :class:`_Busy` (no penalty).
         """
-        start = time.monotonic()
+        start, shm = time.monotonic(), self.pulls_shm
         try:
             clock, loss = self._exchange(peer, ticket, FLAG_IF_IDLE if if_idle else 0)
         except TimeoutError:
@@ -358,7 +358,8 @@ class Puller:
             self._on_received(self.buffer, peer.name, reference)
         if reference is not None:
             subtract_inplace(self.buffer, reference)  # the peer's lead over our past self
-        self._peers.record_success(peer.name)
+        # Peer choice follows link speed: time TCP pulls only (a shared-memory read is no link).
+        self._peers.record_success(peer.name, elapsed if self.pulls_shm == shm else None)
         failed = self._failing.pop(peer.name, 0)
         if failed:
             # Say so once, and let the next outage warn again (within the log budget).

@@ -51,6 +51,7 @@ def test_co_located_nodes_pull_through_shared_memory() -> None:
         assert stats["pulls_shm"] == stats["pulls_ok"] >= 1
         assert served["served_shm"] >= 1
         assert stats["bytes_in"] < 1000  # only the header and the slot's address crossed TCP
+        assert stats["peers"]["w2"]["seconds"] is None  # no link: peer choice does not time it
         assert len(segments_of(os.getpid())) == 2
     assert not segments_of(os.getpid())  # closing removes both segments
 
@@ -178,3 +179,11 @@ def test_killed_node_leaves_no_segment(tmp_path: Any) -> None:
     while segments_of(child.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not segments_of(child.pid)
+
+
+def test_tcp_pulls_are_timed_for_peer_choice() -> None:
+    config = cluster(2, transport="tcp")
+    with Node(config, "w1") as a, Node(config, "w2") as b:
+        pull(a, b, 1.0, 2.0)
+        seconds = a.stats()["peers"]["w2"]["seconds"]
+        assert seconds is not None and 0 < seconds < 30
