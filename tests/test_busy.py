@@ -81,13 +81,19 @@ def test_a_sending_server_answers_if_idle_pulls_with_busy_and_others_with_params
         assert node.stats()["served_busy"] == 2
 
 
-def test_pulls_go_to_the_idle_peer_while_another_is_busy(make_cluster: Cluster) -> None:
+def three_nodes(stack: ExitStack, make_cluster: Cluster) -> tuple[Node, Node, Node]:
+    """w1 pulls over TCP; w2 and w3 publish 32 MB models and are up."""
     config = make_cluster(3, transport="tcp", timeout_ms=TIMEOUT_MS)
+    w1, w2, w3 = (stack.enter_context(Node(config, f"w{i}", layout=BIG)) for i in (1, 2, 3))
+    publish(w2, 2.0)
+    publish(w3, 3.0)
+    assert w1.wait_for_peers(timeout=10) == 2
+    return w1, w2, w3
+
+
+def test_pulls_go_to_the_idle_peer_while_another_is_busy(make_cluster: Cluster) -> None:
     with ExitStack() as stack:
-        w1, w2, w3 = (stack.enter_context(Node(config, f"w{i}", layout=BIG)) for i in (1, 2, 3))
-        publish(w2, 2.0)
-        publish(w3, 3.0)
-        assert w1.wait_for_peers(timeout=10) == 2
+        w1, w2, w3 = three_nodes(stack, make_cluster)
         stack.enter_context(stalled_answer(w2.address))
         mine = np.zeros(BIG.size, np.float32)
         sources = []
@@ -104,12 +110,8 @@ def test_pulls_go_to_the_idle_peer_while_another_is_busy(make_cluster: Cluster) 
 
 
 def test_when_every_peer_is_busy_the_last_one_asked_answers(make_cluster: Cluster) -> None:
-    config = make_cluster(3, transport="tcp", timeout_ms=TIMEOUT_MS)
     with ExitStack() as stack:
-        w1, w2, w3 = (stack.enter_context(Node(config, f"w{i}", layout=BIG)) for i in (1, 2, 3))
-        publish(w2, 2.0)
-        publish(w3, 3.0)
-        assert w1.wait_for_peers(timeout=10) == 2
+        w1, w2, w3 = three_nodes(stack, make_cluster)
         stack.enter_context(stalled_answer(w2.address))
         stack.enter_context(stalled_answer(w3.address))
         w1.update_send(np.zeros(BIG.size, np.float32), 1.0)
