@@ -268,22 +268,29 @@ class Puller:
         if ticket.join:
             self._join(ticket)
             return
-        # A peer already sending to someone else says BUSY and the next one is asked, so
-        # pullers spread over idle servers; the last untried peer is asked unconditionally.
+        # A peer already sending to someone else says BUSY and the next one drawn is asked, so
+        # pullers spread over idle servers. When every peer is busy, the first one drawn (the
+        # likeliest by score and link speed) is asked again unconditionally; a lone peer at once.
+        first = peer = self._peers.choose()
         tried: list[str] = []
-        peer = self._peers.choose()
         while peer is not None:
             tried.append(peer.name)
             following = self._peers.choose(exclude=tried)
             try:
-                outcome, fields = self._try(peer, ticket, if_idle=following is not None)
+                outcome, fields = self._try(
+                    peer, ticket, if_idle=following is not None or peer is not first
+                )
             except _Busy:
                 self.pulls_busy += 1
                 peer = following
                 continue
             ticket.resolve(outcome, peer.name, **fields)
             return
-        ticket.resolve(Outcome.FAILED)
+        if first is None:
+            ticket.resolve(Outcome.FAILED)
+            return
+        outcome, fields = self._try(first, ticket)
+        ticket.resolve(outcome, first.name, **fields)
 
     def _join(self, ticket: Ticket) -> None:
         """Ask the ticket's peers in turn; the first that has a model answers the round."""
