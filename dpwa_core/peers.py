@@ -4,7 +4,9 @@ Each peer has a score in ``[MIN_SCORE, 1]``. A successful pull moves the score h
 a failure halves it and a timeout quarters it. The next peer is drawn at random with probability
 proportional to its score, so a slow or dead peer is picked rarely, but never never: the random
 term keeps probing it, and one success brings it back into rotation. A pull whose peer answers
-BUSY (it is sending to someone else) draws again among the peers not yet asked.
+BUSY (it is sending to someone else) draws again among the peers not yet asked, leaving out
+those more than twice as slow as the median (else the idle slow peer would catch every pull
+that finds the fast ones busy).
 
 The draw also follows the links: each peer keeps a moving average of how long its successful
 pulls took, and a peer whose pulls take ``k`` times the median peer's is drawn ``1/k**2`` as
@@ -98,21 +100,28 @@ class PeerTable:
         with self._lock:
             return list(self._peers)
 
-    def choose(self, exclude: Collection[str] = ()) -> Peer | None:
+    def choose(
+        self, exclude: Collection[str] = (), max_slowdown: float | None = None
+    ) -> Peer | None:
         """Draw a peer with probability proportional to its score; None when there are none.
 
         Args:
             exclude: names not to draw (peers already asked for this pull).
+            max_slowdown: draw only among peers whose pulls take at most this many times the
+                median's (a draw again after BUSY: the only idle peer may be the slow one).
         """
         with self._lock:
-            peers = [p for p in self._peers.values() if p.name not in exclude]
-            if not peers:
-                return None
             timed = sorted(p.seconds for p in self._peers.values() if p.seconds is not None)
             median = timed[(len(timed) - 1) // 2] if timed else 0.0  # the lower median
-            weights = [
-                p.score * min(1.0, median / p.seconds) ** 2 if p.seconds else p.score for p in peers
-            ]
+            peers, weights = [], []
+            for p in self._peers.values():
+                pace = min(1.0, median / p.seconds) if p.seconds else 1.0
+                if p.name in exclude or (max_slowdown and pace * max_slowdown < 1.0):
+                    continue
+                peers.append(p)
+                weights.append(p.score * pace**2)
+            if not peers:
+                return None
             return self._rng.choices(peers, weights=weights)[0]
 
     def record_success(self, name: str, seconds: float | None = None) -> None:

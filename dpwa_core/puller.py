@@ -59,6 +59,7 @@ RECEIVE_CHUNK = 1 << 18
 per-chunk overhead vanishes, small enough that a chunk is still in cache when it is checked)."""
 
 _log = get_logger("puller")
+_REDRAW_SLOWDOWN = 2.0  # after BUSY, ask only peers at most this many times slower than the median
 
 
 class Outcome(enum.Enum):
@@ -275,7 +276,7 @@ class Puller:
         tried: list[str] = []
         while peer is not None:
             tried.append(peer.name)
-            following = self._peers.choose(exclude=tried)
+            following = self._peers.choose(exclude=tried, max_slowdown=_REDRAW_SLOWDOWN)
             try:
                 outcome, fields = self._try(
                     peer, ticket, if_idle=following is not None or peer is not first

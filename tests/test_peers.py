@@ -112,3 +112,17 @@ def test_pull_time_is_a_moving_average() -> None:
     assert peers.counts()["a"]["seconds"] == pytest.approx(1.3)
     peers.record_success("a")  # not timed: the average stays
     assert peers.counts()["a"]["seconds"] == pytest.approx(1.3)
+
+
+def test_a_draw_after_busy_skips_peers_much_slower_than_the_median() -> None:
+    peers = table()
+    for _ in range(5):
+        peers.record_success("a", 0.05)
+        peers.record_success("b", 0.08)  # 1.6x the median: still a candidate
+        peers.record_success("c", 2.2)
+    again = Counter(
+        p.name for p in (peers.choose(["a"], max_slowdown=2.0) for _ in range(2000)) if p
+    )
+    assert set(again) == {"b"}
+    assert peers.choose(exclude=["a", "b"], max_slowdown=2.0) is None
+    assert peers.choose(exclude=["a", "b"]) is not None  # a first draw may still probe it
