@@ -756,7 +756,7 @@ class Node:
             own name when its weights started the cluster's model, None while it joins),
             ``scores`` (each peer's flow-control score) and ``peers`` (per peer: ``score``, its
             ``ok``, ``failed``, ``timed_out`` and ``clipped`` pull counts, and ``seconds``, the
-            moving average of its pull time that peer choice follows); and from the
+            moving average of its TCP pull time); and from the
             ``robust`` section: ``pulls_clipped`` (pulls whose vector was clipped toward ours),
             ``clip_radius`` and ``clip_distance`` (the radius and the distance
             ``||peer - local||`` at the last pull; None before it or with ``clip: false``) and

@@ -4,17 +4,13 @@ Each peer has a score in ``[MIN_SCORE, 1]``. A successful pull moves the score h
 a failure halves it and a timeout quarters it. The next peer is drawn at random with probability
 proportional to its score, so a slow or dead peer is picked rarely, but never never: the random
 term keeps probing it, and one success brings it back into rotation. A pull whose peer answers
-BUSY (it is sending to someone else) draws again among the peers not yet asked, leaving out
-those more than twice as slow as the median (else the idle slow peer would catch every pull
-that finds the fast ones busy).
+BUSY (it is sending to someone else) draws again among the peers not yet asked.
 
-The draw also follows the links: each peer keeps a moving average of how long its successful
-pulls took, and a peer whose pulls take ``k`` times the median peer's is drawn ``1/k**2`` as
-often (peers at or under the median are not favoured). A peer behind a slow link is then pulled
-rarely, and the time a puller spends on it falls as ``1/k``, while the slow node itself keeps
-pulling its faster peers. Only pulls over TCP are timed (the puller passes no time for one read
-from shared memory), so co-located peers never crowd out the peers on other hosts; peers
-without a timed pull count as the median.
+Each peer also keeps a moving average of how long its successful pulls over TCP took
+(``seconds`` in :meth:`PeerTable.counts`), for dashboards; the draw does not use it yet: a
+weighting by it (a peer ``k`` times slower than the median drawn ``1/k**2`` as often) kept the
+fast nodes off a 10 Mbit/s peer in the lab, but one slow early pull then kept a peer off for
+good, since only a draw can correct its average.
 """
 
 from __future__ import annotations
@@ -100,29 +96,17 @@ class PeerTable:
         with self._lock:
             return list(self._peers)
 
-    def choose(
-        self, exclude: Collection[str] = (), max_slowdown: float | None = None
-    ) -> Peer | None:
+    def choose(self, exclude: Collection[str] = ()) -> Peer | None:
         """Draw a peer with probability proportional to its score; None when there are none.
 
         Args:
             exclude: names not to draw (peers already asked for this pull).
-            max_slowdown: draw only among peers whose pulls take at most this many times the
-                median's (a draw again after BUSY: the only idle peer may be the slow one).
         """
         with self._lock:
-            timed = sorted(p.seconds for p in self._peers.values() if p.seconds is not None)
-            median = timed[(len(timed) - 1) // 2] if timed else 0.0  # the lower median
-            peers, weights = [], []
-            for p in self._peers.values():
-                pace = min(1.0, median / p.seconds) if p.seconds else 1.0
-                if p.name in exclude or (max_slowdown and pace * max_slowdown < 1.0):
-                    continue
-                peers.append(p)
-                weights.append(p.score * pace**2)
+            peers = [p for p in self._peers.values() if p.name not in exclude]
             if not peers:
                 return None
-            return self._rng.choices(peers, weights=weights)[0]
+            return self._rng.choices(peers, weights=[p.score for p in peers])[0]
 
     def record_success(self, name: str, seconds: float | None = None) -> None:
         """A pull from ``name`` succeeded: raise its score halfway to 1.

@@ -59,7 +59,6 @@ RECEIVE_CHUNK = 1 << 18
 per-chunk overhead vanishes, small enough that a chunk is still in cache when it is checked)."""
 
 _log = get_logger("puller")
-_REDRAW_SLOWDOWN = 2.0  # after BUSY, ask only peers at most this many times slower than the median
 
 
 class Outcome(enum.Enum):
@@ -271,12 +270,12 @@ class Puller:
             return
         # A peer already sending to someone else says BUSY and the next one drawn is asked, so
         # pullers spread over idle servers. When every peer is busy, the first one drawn (the
-        # likeliest by score and link speed) is asked again unconditionally; a lone peer at once.
+        # likeliest by score) is asked again unconditionally; a lone peer at once.
         first = peer = self._peers.choose()
         tried: list[str] = []
         while peer is not None:
             tried.append(peer.name)
-            following = self._peers.choose(exclude=tried, max_slowdown=_REDRAW_SLOWDOWN)
+            following = self._peers.choose(exclude=tried)
             try:
                 outcome, fields = self._try(
                     peer, ticket, if_idle=following is not None or peer is not first
@@ -366,7 +365,7 @@ class Puller:
             self._on_received(self.buffer, peer.name, reference)
         if reference is not None:
             subtract_inplace(self.buffer, reference)  # the peer's lead over our past self
-        # Peer choice follows link speed: time TCP pulls only (a shared-memory read is no link).
+        # Each peer's average TCP pull time, for stats (a shared-memory read is no link).
         self._peers.record_success(peer.name, elapsed if self.pulls_shm == shm else None)
         failed = self._failing.pop(peer.name, 0)
         if failed:

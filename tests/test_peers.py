@@ -73,38 +73,6 @@ def test_counts_report_each_peers_outcomes() -> None:
     assert counts["c"]["ok"] == counts["c"]["failed"] == 0
 
 
-def draws(peers: PeerTable, n: int = 20_000) -> Counter[str]:
-    return Counter(p.name for p in (peers.choose() for _ in range(n)) if p)
-
-
-def test_a_peer_behind_a_slow_link_is_drawn_rarely_and_still_probed() -> None:
-    peers = table()
-    for _ in range(5):  # a and b answer in 50 ms, c (a 10 Mbit/s link) in 2.2 s
-        peers.record_success("a", 0.05)
-        peers.record_success("b", 0.05)
-        peers.record_success("c", 2.2)
-    counts = peers.counts()
-    assert counts["c"]["seconds"] == pytest.approx(2.2) and peers.scores()["c"] == 1.0
-    picks = draws(peers)
-    assert 0 < picks["c"] < 0.002 * 20_000  # (0.05 / 2.2) ** 2 of a's share: about 0.05%
-    assert abs(picks["a"] - picks["b"]) < 0.05 * 20_000
-
-
-@pytest.mark.parametrize(
-    "seconds",
-    [{"a": 0.02, "b": 0.05, "c": 0.05}, {"a": 0.05, "b": 0.05}],
-    ids=["faster-than-the-median", "untimed"],
-)
-def test_faster_than_the_median_is_not_favoured_and_untimed_peers_count_as_the_median(
-    seconds: dict[str, float],
-) -> None:
-    peers = table()
-    for name, value in seconds.items():
-        peers.record_success(name, value)
-    picks = draws(peers)
-    assert all(abs(picks[name] - 20_000 / 3) < 0.03 * 20_000 for name in "abc"), picks
-
-
 def test_pull_time_is_a_moving_average() -> None:
     peers = table()
     peers.record_success("a", 1.0)
@@ -112,17 +80,3 @@ def test_pull_time_is_a_moving_average() -> None:
     assert peers.counts()["a"]["seconds"] == pytest.approx(1.3)
     peers.record_success("a")  # not timed: the average stays
     assert peers.counts()["a"]["seconds"] == pytest.approx(1.3)
-
-
-def test_a_draw_after_busy_skips_peers_much_slower_than_the_median() -> None:
-    peers = table()
-    for _ in range(5):
-        peers.record_success("a", 0.05)
-        peers.record_success("b", 0.08)  # 1.6x the median: still a candidate
-        peers.record_success("c", 2.2)
-    again = Counter(
-        p.name for p in (peers.choose(["a"], max_slowdown=2.0) for _ in range(2000)) if p
-    )
-    assert set(again) == {"b"}
-    assert peers.choose(exclude=["a", "b"], max_slowdown=2.0) is None
-    assert peers.choose(exclude=["a", "b"]) is not None  # a first draw may still probe it
