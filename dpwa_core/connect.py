@@ -28,12 +28,22 @@ class Gossip(Generic[State]):
     """
 
     def __init__(
-        self, node: Node, adapter: Adapter, state: State, *, blocking: bool | None = None
+        self,
+        node: Node,
+        adapter: Adapter,
+        state: State,
+        *,
+        blocking: bool | None = None,
+        optimizer: Any = None,
     ) -> None:
         self.node = node
+        """The underlying :class:`~dpwa_core.node.Node` (stats, peers, clock)."""
         self.blocking = node.config.blocking if blocking is None else blocking
         """Whether :meth:`step` waits for each pull (the config's ``blocking`` by default)."""
-        """The underlying :class:`~dpwa_core.node.Node` (stats, peers, clock)."""
+        self.optimizer = optimizer
+        """The optimizer whose state a catch-up copies and a checkpoint keeps, or None: a
+        ``torch.optim.Optimizer``, a ``keras.optimizers.Optimizer``, or an optax state (JAX:
+        pass each new one to :meth:`step` and read the current one here)."""
         self.adapter = adapter
         """The framework adapter mapping the model to the flat buffer."""
         self.state = state
@@ -41,7 +51,14 @@ class Gossip(Generic[State]):
         self.last: PullResult | None = None
         """The last successful pull (peer, factor, clocks), or None."""
 
-    def step(self, loss: float, state: State | None = None, *, samples: int = 1) -> State:
+    def step(
+        self,
+        loss: float,
+        state: State | None = None,
+        *,
+        samples: int = 1,
+        optimizer: Any = None,
+    ) -> State:
         """Gossip once, after the optimizer step: blend a landed pull, publish, pull on.
 
         Never waits for the network (unless :attr:`blocking`): a pull that landed since the
@@ -57,6 +74,9 @@ class Gossip(Generic[State]):
             loss: the training loss of this step.
             state: the model state; defaults to :attr:`state`.
             samples: training samples in this step (advances the clock).
+            optimizer: the optimizer state, for frameworks where it is immutable (optax);
+                defaults to :attr:`optimizer`. After a catch-up, :attr:`optimizer` holds the
+                state copied from the peer.
 
         Returns:
             The model state: PyTorch modules and Keras models are updated in place; frameworks
@@ -65,6 +85,8 @@ class Gossip(Generic[State]):
         """
         if state is not None:
             self.state = state
+        if optimizer is not None:
+            self.optimizer = optimizer
         node = self.node
         if self.blocking:
             node.publish(self._fill, loss, samples=samples)
@@ -157,6 +179,7 @@ def connect(
     seed: int | None = None,
     zero_copy: bool = True,
     blocking: bool | None = None,
+    optimizer: Any = None,
 ) -> Gossip[State]:
     """Start a node for ``model`` and return the handle the training loop calls.
 
@@ -178,6 +201,9 @@ def connect(
             leaves the model's tensors where they are.
         blocking: whether :meth:`Gossip.step` waits for each pull; None takes the config's
             ``blocking`` (false by default: it never waits).
+        optimizer: the model's optimizer (a ``torch.optim.Optimizer``, a Keras optimizer, or
+            an optax state): a node that catches up from a peer takes the peer's optimizer
+            state too, and :meth:`Gossip.save` keeps it. Create it before calling connect.
 
     Returns:
         A :class:`Gossip` handle.
@@ -199,4 +225,4 @@ def connect(
     except BaseException:
         node.close()
         raise
-    return Gossip(node, adapter, model, blocking=blocking)
+    return Gossip(node, adapter, model, blocking=blocking, optimizer=optimizer)
