@@ -27,6 +27,7 @@ from dpwa_core.errors import (
 from dpwa_core.hookspec import Strategy, hookimpl
 from dpwa_core.layout import Layout
 from dpwa_core.node import Node, PullResult
+from dpwa_core.swarm import SwarmProgress
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "ProtocolError",
     "PullResult",
     "Strategy",
+    "SwarmProgress",
     "__version__",
     "connect",
     "detect_adapter",

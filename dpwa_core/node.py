@@ -42,6 +42,7 @@ from dpwa_core.robust import Clipper
 from dpwa_core.server import Server
 from dpwa_core.shm import SharedSegment
 from dpwa_core.snapshot import SnapshotBuffer
+from dpwa_core.swarm import SwarmProgress, SwarmTracker
 from dpwa_core.tls import client_context, server_context
 from dpwa_core.wire import transfer_deadline
 
@@ -54,6 +55,7 @@ _JOIN_RETRY = 0.02  # seconds between join rounds that found no model
 _JOIN_BUSY_RETRY = 0.1  # ... and after one whose only models were busy being sent elsewhere
 _JOIN_PATIENCE = 30.0  # seconds after which a joining node starts its own model anyway
 _SEED_GRACE = 5.0  # seconds a node after the first waits for the nodes before it to come up
+_SWARM_WINDOW = 60.0  # seconds a peer counts in the swarm's progress after its last answer
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,8 @@ class Node:
         self._last_age: float | None = None
         self._last_behind: int | None = None
         self._steps = 0  # publish calls: one per training step
+        self._samples = 0  # samples this node trained (its clock also takes its peers')
+        self._swarm = SwarmTracker(window=max(_SWARM_WINDOW, 10 * self.config.timeout))
         self._blocked = 0.0  # seconds the training thread waited for pulls
         # Who this node's model came from: None while it joins (start: shared), else the peer
         # it copied, or its own name when its weights started the cluster's model.
@@ -368,6 +372,8 @@ class Node:
             )
         self.clock += samples
         self._steps += 1
+        self._samples += samples
+        self._swarm.trained(self._samples, time.monotonic())
         self._snapshots.lazy = lazy
         pending = self._pending
         # A join round that found no model is decided here too, so a node that only publishes
@@ -530,9 +536,12 @@ class Node:
             return joined
         if ticket.outcome is not Outcome.OK:
             self._count(ticket.outcome)
+            if ticket.outcome is Outcome.FAILED and ticket.peer:
+                self._swarm.forget(ticket.peer)  # down, or hostile: no longer counted
             return None
         self._count(Outcome.OK)
         peer_clock = self._bounded_clock(ticket.peer, ticket.peer_clock)
+        self._swarm.observe(ticket.peer, peer_clock, time.monotonic())
         factor = self._strategy(self.clock, peer_clock, self.loss, ticket.peer_loss)
         threshold = self.config.divergence_threshold
         if threshold > 0 and self.loss < threshold:
@@ -580,6 +589,7 @@ class Node:
         if ticket.outcome is Outcome.OK:
             self._joined_from = ticket.peer
             self.clock = ticket.peer_clock
+            self._swarm.observe(ticket.peer, ticket.peer_clock, now)
             _log.info(
                 "%s joined the cluster: copied %s's model (clock %g)",
                 self.name,
@@ -691,6 +701,7 @@ class Node:
             KeyError: no peer has that name.
         """
         self._peers.remove(name)
+        self._swarm.forget(name)
 
     def wait_for_peers(self, count: int | None = None, timeout: float = 60.0) -> int:
         """Block until ``count`` peers accept a connection, or ``timeout`` seconds pass.
@@ -733,6 +744,17 @@ class Node:
         """Names of the peers this node may pull from."""
         return self._peers.names()
 
+    def swarm(self) -> SwarmProgress:
+        """The cluster's training progress as this node sees it (:mod:`dpwa_core.swarm`).
+
+        Returns:
+            ``samples`` (an estimate of the samples the swarm has trained: the sum of the
+            clocks of this node and of the peers that answered within the last minute, each
+            moved on at its rate since), ``samples_per_s`` and ``nodes``; ``epoch(n)`` gives the
+            swarm's epoch for ``n`` samples per epoch, for schedules and stopping rules.
+        """
+        return self._swarm.progress(self.clock, time.monotonic())
+
     def stats(self) -> dict[str, Any]:
         """Counters of this node's gossip, for progress lines and dashboards.
 
@@ -760,7 +782,9 @@ class Node:
             ``robust`` section: ``pulls_clipped`` (pulls whose vector was clipped toward ours),
             ``clip_radius`` and ``clip_distance`` (the radius and the distance
             ``||peer - local||`` at the last pull; None before it or with ``clip: false``) and
-            ``clocks_bounded`` (pulls whose peer claimed a clock beyond ``max_clock_lead``).
+            ``clocks_bounded`` (pulls whose peer claimed a clock beyond ``max_clock_lead``);
+            ``samples`` (samples this node trained itself) and from :meth:`swarm`,
+            ``swarm_samples``, ``swarm_samples_per_s`` and ``swarm_nodes``.
         """
         clipper = self._clipper
         with self._lock:
@@ -796,6 +820,11 @@ class Node:
         for name, counts in peers.items():
             counts["clipped"] = clipped.get(name, 0)
         stats["peers"] = peers
+        stats["samples"] = self._samples
+        progress = self.swarm()
+        stats["swarm_samples"] = progress.samples
+        stats["swarm_samples_per_s"] = progress.samples_per_s
+        stats["swarm_nodes"] = progress.nodes
         return stats
 
     def close(self) -> None:

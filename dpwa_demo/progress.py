@@ -13,6 +13,7 @@ from typing import Any, TextIO
 __all__ = ["Progress"]
 
 _PLAIN_EVERY = 3.0  # seconds between blocks of plain lines
+_GOSSIP_KEYS = ("pulls_ok", "pulls_failed", "pulls_timed_out", "swarm_samples", "swarm_nodes")
 
 
 class Progress:
@@ -52,7 +53,7 @@ class Progress:
             self._status[name] = "ready"
         elif kind in ("progress", "eval", "done"):
             self._status[name] = "done" if kind == "done" else "training"
-            for key in ("step", "loss", "pulls_ok", "pulls_failed", "pulls_timed_out"):
+            for key in ("step", "loss", *_GOSSIP_KEYS):
                 if key in event:
                     state[key] = event[key]
             if kind == "done":
@@ -92,6 +93,11 @@ class Progress:
                 f"pulls ok {state['pulls_ok']} failed {state['pulls_failed']}"
                 + (f" timed out {timed_out}" if timed_out else "")
             )
+            if state.get("swarm_samples") is not None:
+                parts.append(
+                    f"swarm {_compact(state['swarm_samples'])} samples"
+                    f" ({state['swarm_nodes']} nodes)"
+                )
         else:
             parts.append("no gossip")
         status = self._status[name]
@@ -114,3 +120,11 @@ class Progress:
             self._last_plain = now
             self.stream.write("".join(f"{line}\n" for line in lines))
         self.stream.flush()
+
+
+def _compact(count: float) -> str:
+    """``12345`` as ``12.3k``: a count that fits a live line."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(count) >= size:
+            return f"{count / size:.1f}{suffix}"
+    return f"{count:.0f}"

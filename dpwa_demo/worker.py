@@ -49,7 +49,7 @@ def _emit(event: str, **fields: Any) -> None:
 
 
 def _pulls(stats: dict[str, Any] | None) -> dict[str, int | None]:
-    keys = ("pulls_ok", "pulls_failed", "pulls_timed_out")
+    keys = ("pulls_ok", "pulls_failed", "pulls_timed_out", "swarm_samples", "swarm_nodes")
     return {key: None if stats is None else int(stats[key]) for key in keys}
 
 

@@ -227,10 +227,12 @@ def test_live_progress_redraws_lines_in_place() -> None:
             "test_acc": 0.5,
             "pulls_ok": 20,
             "pulls_failed": 0,
+            "swarm_samples": 12345,
+            "swarm_nodes": 2,
         },
     )
     text = stream.getvalue()
     assert "\x1b[2F" in text  # the second draw moved back over the two lines of the first
     last = text.split("\x1b[2F")[-1]
     assert "w1 torch  step  10/100  loss  1.500" in last and "pulls ok 9 failed 1" in last
-    assert "acc 50.0%" in last
+    assert "acc 50.0%" in last and "swarm 12.3k samples (2 nodes)" in last

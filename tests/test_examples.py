@@ -178,3 +178,26 @@ def test_example_configs_load(config: str) -> None:
     loaded = load_config(EXAMPLES / config)
     assert len(loaded.nodes) >= 2
     assert all(node.host == "127.0.0.1" for node in loaded.nodes)
+
+
+def test_a_schedule_and_a_stopping_rule_follow_the_swarm(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    script = EXAMPLES / "pytorch_digits" / "swarm_schedule.py"
+    budget = 3 * 32 * 300
+    outputs = _run_nodes(script, cluster(3), tmp_path, "--swarm-samples", str(budget))
+    for name, out in outputs.items():
+        stop = re.search(
+            rf"^{name} stopped at step (\d+): the swarm trained (\d+) samples, (\d+) of them "
+            r"here; test accuracy ([0-9.]+)%",
+            out,
+            re.M,
+        )
+        assert stop, out
+        own, swarm = int(stop.group(3)), int(stop.group(2))
+        assert swarm >= budget
+        # It counted its peers' work: alone it would have trained the whole budget.
+        assert own < 0.8 * budget, out
+        rates = [float(r) for r in re.findall(rf"^{name} step \d+ .* lr ([0-9.]+) ", out, re.M)]
+        assert rates and rates == sorted(rates, reverse=True), out  # decayed with the swarm
+        assert re.search(rf"^{name} step \d+ .* from 3 nodes$", out, re.M), out

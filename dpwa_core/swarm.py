@@ -1,0 +1,133 @@
+"""Swarm progress: how many samples the whole cluster has trained, and how fast.
+
+Every answer a node pulls carries the peer's clock. A clock counts samples trained and is blended
+with the peers' clocks on every interpolation, so each node's clock follows the *average* node's
+progress; the sum over the nodes that are up estimates the samples the swarm has trained (a node
+that joins takes its sponsor's clock, so it counts as having trained what its sponsor had). The
+rate is the sum of each node's own rate: this node's from its publish calls, a peer's from its
+clock's growth between two answers.
+
+A learning-rate schedule or a stopping rule can follow the swarm instead of one node, as
+hivemind's ProgressTracker gives a global epoch::
+
+    progress = gossip.node.swarm()
+    for group in optimizer.param_groups:
+        group["lr"] = schedule(progress.epoch(samples_per_epoch))
+
+A peer only counts while it has answered within the last ``window`` seconds (60 s by default, or
+10 x ``timeout_ms`` when that is longer); between answers its clock is extrapolated at its rate.
+Claimed clocks are bounded by ``robust.max_clock_lead`` before they get here, so one liar moves
+the estimate by at most ``lead`` times an honest node's share.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass
+
+__all__ = ["SwarmProgress", "SwarmTracker"]
+
+_RATE_MEMORY = 0.3  # weight of the newest rate measurement in each moving average
+_MIN_INTERVAL = 0.2  # seconds between two observations for a rate measurement to count
+
+
+@dataclass(frozen=True)
+class SwarmProgress:
+    """An estimate of the cluster's training progress, as one node sees it.
+
+    Attributes:
+        samples: samples trained by the swarm (the sum of the live nodes' clocks).
+        samples_per_s: the swarm's training rate (the sum of the live nodes' rates).
+        nodes: nodes counted: this one and the peers that answered within the window.
+    """
+
+    samples: float
+    samples_per_s: float
+    nodes: int
+
+    def epoch(self, samples_per_epoch: float) -> int:
+        """The swarm's epoch: whole passes of ``samples_per_epoch`` samples trained so far.
+
+        Args:
+            samples_per_epoch: samples in one epoch of the whole swarm (> 0).
+
+        Raises:
+            ValueError: ``samples_per_epoch`` is not a positive finite number.
+        """
+        if not (math.isfinite(samples_per_epoch) and samples_per_epoch > 0):
+            raise ValueError(f"samples_per_epoch must be > 0, got {samples_per_epoch!r}")
+        return int(self.samples // samples_per_epoch)
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as a dict, for stats and JSON lines."""
+        return asdict(self)
+
+
+@dataclass
+class _Seen:
+    clock: float  # the latest clock and when it was heard
+    at: float
+    since_clock: float  # where the current rate measurement began
+    since: float
+    rate: float | None = None
+
+
+class SwarmTracker:
+    """Collects the clocks a node hears and this node's own rate; thread-safe.
+
+    Args:
+        window: seconds a peer keeps counting after its last answer.
+    """
+
+    def __init__(self, window: float = 60.0) -> None:
+        if not window > 0:
+            raise ValueError(f"window must be > 0 seconds, got {window!r}")
+        self.window = window
+        self._peers: dict[str, _Seen] = {}
+        self._own: _Seen | None = None
+        self._lock = threading.Lock()
+
+    def observe(self, peer: str, clock: float, now: float) -> None:
+        """Record that ``peer`` answered with ``clock`` (already bounded) at time ``now``."""
+        if not math.isfinite(clock):
+            return
+        with self._lock:
+            self._peers[peer] = _update(self._peers.get(peer), clock, now)
+
+    def trained(self, clock: float, now: float) -> None:
+        """Record this node's clock after a training step, for its own rate."""
+        with self._lock:
+            self._own = _update(self._own, clock, now)
+
+    def forget(self, peer: str) -> None:
+        """Stop counting ``peer`` (it left the cluster)."""
+        with self._lock:
+            self._peers.pop(peer, None)
+
+    def progress(self, clock: float, now: float) -> SwarmProgress:
+        """The estimate at time ``now``, with this node's current ``clock``."""
+        with self._lock:
+            own_rate = self._own.rate if self._own and self._own.rate is not None else 0.0
+            samples, rate, nodes = clock, own_rate, 1
+            for seen in self._peers.values():
+                age = now - seen.at
+                if age > self.window:
+                    continue
+                peer_rate = own_rate if seen.rate is None else seen.rate
+                samples += seen.clock + peer_rate * max(age, 0.0)
+                rate += peer_rate
+                nodes += 1
+        return SwarmProgress(samples, rate, nodes)
+
+
+def _update(seen: _Seen | None, clock: float, now: float) -> _Seen:
+    """``seen`` moved to ``clock`` at ``now``, its rate averaged with the latest growth."""
+    if seen is None:
+        return _Seen(clock, now, clock, now)
+    interval = now - seen.since
+    if interval < _MIN_INTERVAL:  # too soon to measure a rate: keep where the measurement began
+        return _Seen(clock, now, seen.since_clock, seen.since, seen.rate)
+    growth = max(clock - seen.since_clock, 0.0) / interval  # a blend can lower a clock
+    rate = growth if seen.rate is None else (1 - _RATE_MEMORY) * seen.rate + _RATE_MEMORY * growth
+    return _Seen(clock, now, clock, now, rate)
