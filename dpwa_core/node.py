@@ -42,6 +42,7 @@ from dpwa_core.robust import Clipper
 from dpwa_core.server import Server
 from dpwa_core.shm import SharedSegment
 from dpwa_core.snapshot import SnapshotBuffer
+from dpwa_core.state_share import StateLayout, StateShare
 from dpwa_core.swarm import SwarmProgress, SwarmTracker
 from dpwa_core.tls import client_context, server_context
 from dpwa_core.wire import transfer_deadline
@@ -56,6 +57,7 @@ _JOIN_BUSY_RETRY = 0.1  # ... and after one whose only models were busy being se
 _JOIN_PATIENCE = 30.0  # seconds after which a joining node starts its own model anyway
 _SEED_GRACE = 5.0  # seconds a node after the first waits for the nodes before it to come up
 _SWARM_WINDOW = 60.0  # seconds a peer counts in the swarm's progress after its last answer
+_STATE_TRIES = 3  # state pulls a joiner makes before it keeps its own optimizer state
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,11 @@ class Node:
         self._join_next = 0.0  # when the next join round may start
         self._join_patience = max(_JOIN_PATIENCE, 4 * self.config.timeout)
         self._join_s = 0.0  # seconds join() waited
+        self._state_share: StateShare | None = None  # our optimizer state, for joiners
+        self._state_from: str | None = None  # the sponsor whose optimizer state to take next
+        self._state_tries = 0
+        self._state_landed = False  # a state pull's answer waits in the puller's state_buffer
+        self._state_taken_from: str | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._warned_loss = False
@@ -373,6 +380,8 @@ class Node:
         self.clock += samples
         self._steps += 1
         self._samples += samples
+        if self._state_share is not None:
+            self._serve_state(self._state_share)
         self._swarm.trained(self._samples, time.monotonic())
         self._snapshots.lazy = lazy
         pending = self._pending
@@ -459,6 +468,8 @@ class Node:
         if not names:
             return False
         now = time.monotonic()
+        if self._state_from is not None:
+            return self._start_state_pull(self._state_from, now)
         if blocking:
             deadline = now + self.config.timeout
         else:
@@ -529,6 +540,9 @@ class Node:
             if not ticket.done.is_set():
                 ticket.resolve(Outcome.TIMED_OUT, ticket.peer)
         self._pending = None
+        if ticket.state:
+            self._state_pulled(ticket)
+            return None
         if ticket.join:
             joined = self._joined(ticket, self._steps - ticket.step + (0 if wait else 1))
             if joined is not None:
@@ -590,6 +604,9 @@ class Node:
             self._joined_from = ticket.peer
             self.clock = ticket.peer_clock
             self._swarm.observe(ticket.peer, ticket.peer_clock, now)
+            if self._state_share is not None:
+                self._state_from, self._state_tries = ticket.peer, 0
+                self._server.set_state(self._state_share)
             _log.info(
                 "%s joined the cluster: copied %s's model (clock %g)",
                 self.name,
@@ -617,7 +634,43 @@ class Node:
 
     def _seed(self, why: str) -> None:
         self._joined_from = self.name
+        self._server.set_state(self._state_share)
         _log.info("%s starts the cluster's model from its own weights: %s", self.name, why)
+
+    def _serve_state(self, share: StateShare) -> None:
+        """Fill the optimizer state for a joiner that asked; a failing fill is logged once."""
+        try:
+            share.serve(self.clock, self.loss)
+        except Exception as exc:  # the user's optimizer: never let it break the training step
+            self._state_share = None
+            self._server.set_state(None)
+            _log.warning(
+                "%s: stopped sharing its optimizer state: reading it failed: %s", self.name, exc
+            )
+
+    def _start_state_pull(self, peer: str, now: float) -> bool:
+        assert self._puller is not None and self._puller.state is not None
+        nbytes = 4 * self._puller.state.size
+        # The sponsor copies its state at its next step (up to timeout_ms), then sends it.
+        deadline = transfer_deadline(now, nbytes, self.config.timeout) + self.config.timeout
+        request_loss = self.loss if math.isfinite(self.loss) else 0.0
+        self._pending = Ticket(
+            deadline, self.clock, request_loss, join=(peer,), step=self._steps, state=True
+        )
+        self._puller.submit(self._pending)
+        return True
+
+    def _state_pulled(self, ticket: Ticket) -> None:
+        """A state pull ended: hand its state out, try again, or keep our own."""
+        peer = self._state_from
+        self._state_tries += 1
+        if ticket.outcome is Outcome.OK:
+            self._state_from, self._state_landed = None, True
+            self._state_taken_from = peer
+            _log.info("%s took %s's optimizer state", self.name, peer)
+        elif ticket.outcome is Outcome.FAILED or self._state_tries >= _STATE_TRIES:
+            self._state_from = None  # refused, or it had none: the reason was logged
+            _log.info("%s keeps its own optimizer state (%s gave none)", self.name, peer)
 
     def _check_size(self, size: int) -> None:
         """Start the node's threads with a flat layout of ``size`` if it has none; check it."""
@@ -744,6 +797,46 @@ class Node:
         """Names of the peers this node may pull from."""
         return self._peers.names()
 
+    def share_optimizer_state(
+        self, layout: StateLayout, fill: Callable[[np.ndarray], object]
+    ) -> None:
+        """Carry the optimizer state at catch-up: serve it to joiners, take a sponsor's.
+
+        Once this node has its cluster's model, a joiner that copied the model from it may
+        ask for its optimizer state too (one transfer per join, float32, never on ordinary
+        pulls); ``fill(out)`` writes it on the training thread at the next :meth:`publish`.
+        When this node joins later, it asks the peer it copied the model from for its state
+        (up to 3 tries), which :meth:`take_optimizer_state` then hands out. A peer whose
+        optimizer layout differs refuses, and both sides log both layouts. :func:`connect`
+        calls this for the optimizer it is given.
+
+        Args:
+            layout: this node's optimizer layout (an
+                :class:`~dpwa_core.optimizer_state.OptimizerLayout`).
+            fill: writes the optimizer state into a ``layout.size`` float32 buffer.
+        """
+        share = StateShare(layout, fill)
+        self._state_share = share
+        if self._puller is not None:
+            self._puller.set_state(layout)
+        if self._joined_from is not None:
+            self._server.set_state(share)
+
+    def take_optimizer_state(self) -> np.ndarray | None:
+        """The optimizer state a catch-up pulled from the sponsor, once; else None.
+
+        Returns:
+            A read-only float32 vector in this node's optimizer layout (checked: the
+            sponsor's fingerprint matched and every value is finite), valid until the next
+            pull starts: write it into the optimizer at once.
+        """
+        if not self._state_landed or self._puller is None:
+            return None
+        self._state_landed = False
+        state = self._puller.state_buffer.view()
+        state.flags.writeable = False
+        return state
+
     def swarm(self) -> SwarmProgress:
         """The cluster's training progress as this node sees it (:mod:`dpwa_core.swarm`).
 
@@ -783,6 +876,8 @@ class Node:
             ``clip_radius`` and ``clip_distance`` (the radius and the distance
             ``||peer - local||`` at the last pull; None before it or with ``clip: false``) and
             ``clocks_bounded`` (pulls whose peer claimed a clock beyond ``max_clock_lead``);
+            ``optimizer_state_from`` (the sponsor whose optimizer state a catch-up took, or
+            None), ``served_state`` (optimizer states sent to joiners),
             ``samples`` (samples this node trained itself) and from :meth:`swarm`,
             ``swarm_samples``, ``swarm_samples_per_s`` and ``swarm_nodes``.
         """
@@ -821,6 +916,8 @@ class Node:
             counts["clipped"] = clipped.get(name, 0)
         stats["peers"] = peers
         stats["samples"] = self._samples
+        stats["optimizer_state_from"] = self._state_taken_from
+        stats["served_state"] = self._server.served_state
         progress = self.swarm()
         stats["swarm_samples"] = progress.samples
         stats["swarm_samples_per_s"] = progress.samples_per_s
@@ -857,6 +954,7 @@ class Node:
         self._snapshots = SnapshotBuffer(layout.size, self._shared_segment(layout))
         if self._robust.clip:
             self._clipper = Clipper(self._robust, layout.size)
+        share = self._state_share
         self._puller = Puller(
             self.name,
             self._peers,
@@ -868,6 +966,8 @@ class Node:
             on_received=self._clip if self._robust.clip else None,
             idle=self.config.timeout,
         )
+        if share is not None:
+            self._puller.set_state(share.layout)
         self._server.set_source(layout, self._snapshots)
 
     def _shared_segment(self, layout: Layout) -> SharedSegment | None:

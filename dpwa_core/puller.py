@@ -37,9 +37,11 @@ from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.peers import Peer, PeerTable
 from dpwa_core.shm import SharedSegment
+from dpwa_core.state_share import StateLayout
 from dpwa_core.wire import (
     FLAG_IF_IDLE,
     FLAG_SHM,
+    FLAG_STATE,
     HEADER,
     SHM_ANSWER,
     Header,
@@ -94,6 +96,9 @@ class Ticket:
     """Peers that answered BUSY during a join round: they have a model but were sending."""
     if_idle: bool = False
     """Ask a join round's peers with IF_IDLE, so a busy sponsor is skipped, not shared."""
+    state: bool = False
+    """Pull the optimizer state (:data:`~dpwa_core.wire.FLAG_STATE`) from ``join[0]`` into the
+    puller's ``state_buffer``, not the parameters."""
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     peer: str = ""
@@ -212,6 +217,10 @@ class Puller:
         self.rejected_nonfinite = 0
         """Answers refused because their parameters held NaN or Inf."""
         self.buffer = np.empty(layout.size, np.float32)
+        self.state: StateLayout | None = None
+        """The optimizer layout a state pull asks for (set with :meth:`set_state`)."""
+        self.state_buffer = np.empty(0, np.float32)
+        """Where a state pull lands."""
         self.reference: np.ndarray | None = None
         """Our model at a staleness-corrected pull's request (allocated at the first one; the
         node writes it while no pull is in flight)."""
@@ -229,6 +238,13 @@ class Puller:
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"dpwa-puller-{name}", daemon=True)
         self._thread.start()
+
+    def set_state(self, layout: StateLayout) -> None:
+        """Make state pulls ask for ``layout``; call while no pull is in flight."""
+        self.state = layout
+        self.state_buffer = np.empty(layout.size, np.float32)
+        largest = max(layout.size, self.layout.size)
+        self._mask = np.empty(min(largest, RECEIVE_CHUNK), np.bool_)
 
     def submit(self, ticket: Ticket) -> None:
         """Queue a pull; the ticket is resolved by its deadline at the latest."""
@@ -265,6 +281,9 @@ class Puller:
             ticket.resolve(Outcome.TIMED_OUT)
             return
         self._drop_forgotten()
+        if ticket.state:
+            self._pull_state(ticket)
+            return
         if ticket.join:
             self._join(ticket)
             return
@@ -314,6 +333,48 @@ class Puller:
             if outcome is Outcome.NOT_READY:
                 ticket.alive.add(name)
         ticket.resolve(Outcome.NOT_READY)
+
+    def _pull_state(self, ticket: Ticket) -> None:
+        """Pull the optimizer state of the peer ``ticket.join[0]`` into ``state_buffer``.
+
+        A one-off at catch-up: the peer is not scored for it, and what went wrong is logged
+        once per peer and reason.
+        """
+        name = ticket.join[0]
+        peer = self._peers.get(name)
+        if peer is None or self.state is None:
+            ticket.resolve(Outcome.FAILED, name)
+            return
+        try:
+            link = self._request(peer, ticket, FLAG_STATE)
+            header = self._receive_answer(link, ticket.deadline, False, into=self.state)
+            if not self._finite:
+                raise ProtocolError("its optimizer state holds NaN or Inf")
+        except _NotReady:
+            ticket.resolve(Outcome.NOT_READY, name)
+            return
+        except TimeoutError:
+            self._close(name)
+            self._warn.warning(
+                name, "state-timeout", "%s: optimizer state pull from %s timed out", self.name, name
+            )
+            ticket.resolve(Outcome.TIMED_OUT, name)
+            return
+        except (ProtocolError, OSError) as exc:
+            self._close(name)
+            if not self._closing:
+                self._warn.warning(
+                    name,
+                    "state-"
+                    + (type(exc).__name__ if isinstance(exc, OSError) else reason_of(str(exc))),
+                    "%s: could not take %s's optimizer state: %s",
+                    self.name,
+                    name,
+                    exc,
+                )
+            ticket.resolve(Outcome.FAILED, name)
+            return
+        ticket.resolve(Outcome.OK, name, peer_clock=header.clock, peer_loss=header.loss)
 
     def _try(
         self, peer: Peer, ticket: Ticket, if_idle: bool = False
@@ -409,13 +470,20 @@ class Puller:
         return header.clock, header.loss
 
     def _receive_answer(
-        self, link: _Link, deadline: float, offer_shm: bool, if_idle: int = 0
+        self,
+        link: _Link,
+        deadline: float,
+        offer_shm: bool,
+        if_idle: int = 0,
+        into: StateLayout | None = None,
     ) -> Header:
         """Receive the rest of the answer whose header is in ``self._header``, check its tag.
 
         Nothing of the answer is acted on before its tag (with ``auth``) has been checked; a
-        PARAMS payload lands in the receive buffer, which is handed out only after that.
+        PARAMS payload lands in the receive buffer (``state_buffer`` when ``into`` is the
+        optimizer layout of a state pull), which is handed out only after that.
         """
+        layout: StateLayout = self.layout if into is None else into
         conn, session = link.sock, link.session
         mac = session.receive.begin() if session is not None else None
         if mac is not None:
@@ -423,12 +491,17 @@ class Puller:
         header = decode_header(self._header)
         text = b""
         if header.type is MessageType.PARAMS:
-            self._check_fingerprint(header)
-            self._receive_params(conn, header, deadline, mac)
+            self._check_fingerprint(header, layout)
+            if into is None:
+                self._receive_params(conn, header, deadline, mac, self.buffer)
+            elif header.dtype is not WireDType.FLOAT32:
+                raise ProtocolError(f"optimizer state sent as {header.dtype.name}, not float32")
+            else:
+                self._receive_params(conn, header, deadline, mac, self.state_buffer, check=True)
         elif header.type is MessageType.SHM_PARAMS:
             if not offer_shm:  # only ever sent to a PULL that offered shared memory
                 raise ProtocolError("got SHM_PARAMS in answer to a PULL that did not offer it")
-            self._check_fingerprint(header)
+            self._check_fingerprint(header, layout)
             recv_exact(conn, self._shm_payload, deadline, self.idle)
             if mac is not None:
                 mac.update(self._shm_payload)
@@ -445,7 +518,7 @@ class Puller:
             recv_exact(conn, memoryview(tag), deadline, self.idle)
             MessageMac.verify(mac, tag)
             self.bytes_in += MAC_SIZE
-        self._check_answer(header, text)
+        self._check_answer(header, text, layout)
         return header
 
     def _send(self, link: _Link, message: bytes, ticket: Ticket) -> None:
@@ -455,7 +528,8 @@ class Puller:
         send_all(link.sock, message, ticket.deadline)
 
     def _encode_request(self, ticket: Ticket, flags: int) -> bytes:
-        size, shape_hash = self.layout.fingerprint
+        layout = self.state if flags & FLAG_STATE and self.state is not None else self.layout
+        size, shape_hash = layout.fingerprint
         return encode_header(
             MessageType.PULL,
             clock=ticket.clock,
@@ -481,8 +555,8 @@ class Puller:
                     raise
         raise AssertionError("unreachable")
 
-    def _check_answer(self, header: Header, text: bytes) -> None:
-        """Raise unless ``header`` (its tag checked) announces parameters."""
+    def _check_answer(self, header: Header, text: bytes, layout: StateLayout) -> None:
+        """Raise unless ``header`` (its tag checked) announces parameters of ``layout``."""
         if header.type is MessageType.NOT_READY:
             raise _NotReady
         if header.type is MessageType.BUSY:
@@ -500,31 +574,40 @@ class Puller:
         if header.type is MessageType.UNSUPPORTED_VERSION:
             raise ProtocolError("the peer refuses this node's protocol version")
         if header.type is MessageType.LAYOUT_MISMATCH:
+            what = "layout" if layout is self.layout else "optimizer"
             raise ProtocolError(
-                f"layout mismatch: ours {self.layout.describe()}; theirs {peer_text(text)}"
+                f"{what} mismatch: ours {layout.describe()}; theirs {peer_text(text)}"
             )
         if header.type not in (MessageType.PARAMS, MessageType.SHM_PARAMS):
             raise ProtocolError(f"expected PARAMS, got {header.type.name}")
 
-    def _check_fingerprint(self, header: Header) -> None:
-        """Raise unless ``header`` holds parameters of our layout (checked before the payload)."""
-        if (header.size, header.shape_hash) != self.layout.fingerprint:
+    def _check_fingerprint(self, header: Header, layout: StateLayout) -> None:
+        """Raise unless ``header`` holds values of ``layout`` (checked before the payload)."""
+        if (header.size, header.shape_hash) != layout.fingerprint:
             theirs = describe_fingerprint(header.size, header.shape_hash)
-            raise ProtocolError(f"layout mismatch: ours {self.layout.describe()}; theirs {theirs}")
+            what = "layout" if layout is self.layout else "optimizer"
+            raise ProtocolError(f"{what} mismatch: ours {layout.describe()}; theirs {theirs}")
 
     def _receive_params(
-        self, conn: socket.socket, header: Header, deadline: float, mac: hmac.HMAC | None
+        self,
+        conn: socket.socket,
+        header: Header,
+        deadline: float,
+        mac: hmac.HMAC | None,
+        buffer: np.ndarray,
+        check: bool | None = None,
     ) -> None:
-        """Receive a PARAMS payload into the buffer, converting a narrower wire dtype.
+        """Receive a PARAMS payload into ``buffer``, converting a narrower wire dtype.
 
         Received chunk by chunk, each checked for NaN and Inf right after it lands (while it is
-        in cache) when ``reject_nonfinite`` is on, and fed to ``mac`` with ``auth``.
+        in cache) when ``check`` (default: ``reject_nonfinite``) is on, and fed to ``mac`` with
+        ``auth``.
         """
-        check = self.reject_nonfinite
+        check = self.reject_nonfinite if check is None else check
         self._finite = True
         if header.dtype is WireDType.FLOAT32:
-            for start in range(0, self.buffer.size, RECEIVE_CHUNK):
-                chunk = self.buffer[start : start + RECEIVE_CHUNK]
+            for start in range(0, buffer.size, RECEIVE_CHUNK):
+                chunk = buffer[start : start + RECEIVE_CHUNK]
                 view = chunk.data.cast("B")
                 recv_exact(conn, view, deadline, self.idle)
                 if mac is not None:
@@ -540,9 +623,9 @@ class Puller:
                 if mac is not None:
                     mac.update(view)
 
-            decode_into(receive, header.dtype, self.buffer, self._scratch)
+            decode_into(receive, header.dtype, buffer, self._scratch)
             if check:
-                self._finite = all_finite(self.buffer, self._mask)
+                self._finite = all_finite(buffer, self._mask)
         self.bytes_in += HEADER.size + header.length
 
     def _check_chunk(self, chunk: np.ndarray) -> None:

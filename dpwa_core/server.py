@@ -37,10 +37,12 @@ from dpwa_core._log import OncePerPeer, get_logger, reason_of
 from dpwa_core.auth import AUTH_MAGIC, MAC_SIZE, Session, check_name, server_handshake
 from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
-from dpwa_core.snapshot import Snapshot, SnapshotBuffer
+from dpwa_core.snapshot import SnapshotBuffer
+from dpwa_core.state_share import StateLayout, StateShare
 from dpwa_core.wire import (
     FLAG_IF_IDLE,
     FLAG_SHM,
+    FLAG_STATE,
     HEADER,
     MAGIC,
     MAX_TEXT_PAYLOAD,
@@ -161,6 +163,9 @@ class Server:
         self._secret = secret
         self._tls = tls
         self._source: tuple[Layout, SnapshotBuffer] | None = None
+        self._state: StateShare | None = None
+        self.served_state = 0
+        """Optimizer states sent to joining peers."""
         self._closed = threading.Event()
         self._conns: set[_Connection] = set()
         self._threads: set[threading.Thread] = set()
@@ -204,6 +209,10 @@ class Server:
     def set_source(self, layout: Layout, snapshots: SnapshotBuffer) -> None:
         """Start answering pulls from ``snapshots``, whose parameters follow ``layout``."""
         self._source = (layout, snapshots)
+
+    def set_state(self, share: StateShare | None) -> None:
+        """Answer STATE pulls (a joiner's catch-up) from ``share``; None answers NOT_READY."""
+        self._state = share
 
     @property
     def connections(self) -> int:
@@ -470,7 +479,8 @@ class Server:
 
     def _answer(self, connection: _Connection, request: Header) -> bool:
         """Answer one PULL; False when the connection must close."""
-        peer = connection.peer
+        if request.flags & FLAG_STATE:
+            return self._answer_state(connection, request)
         size, shape_hash = request.size, request.shape_hash
         source = self._source
         if source is None:
@@ -480,25 +490,7 @@ class Server:
             return True
         layout, snapshots = source
         if (size, shape_hash) != layout.fingerprint:
-            ours = layout.describe()
-            with self._lock:
-                self.rejected += 1
-            self._rejections.warning(
-                connection.host,
-                "layout",
-                "refused pull from %s: layout mismatch: theirs %s; ours %s",
-                peer,
-                describe_fingerprint(size, shape_hash),
-                ours,
-            )
-            text = ours.encode()[:MAX_TEXT_PAYLOAD]
-            reply = encode_header(
-                MessageType.LAYOUT_MISMATCH,
-                size=layout.size,
-                shape_hash=layout.shape_hash,
-                length=len(text),
-            )
-            self._send(connection, time.monotonic() + self.timeout, reply + text)
+            self._mismatch(connection, request, layout, "layout")
             return False
         segment = snapshots.segment if request.flags & FLAG_SHM else None
         if request.flags & FLAG_IF_IDLE and self._sending and segment is None:
@@ -541,7 +533,14 @@ class Server:
                 with self._lock:
                     self._sending += 1
                 try:
-                    sent = self._send_params(connection, layout, snapshot, deadline)
+                    sent = self._send_params(
+                        connection,
+                        layout,
+                        snapshot.params,
+                        (snapshot.clock, snapshot.loss),
+                        deadline,
+                        self._dtype(connection),
+                    )
                 finally:
                     with self._lock:
                         self._sending -= 1
@@ -558,23 +557,87 @@ class Server:
             return self.wire_dtype
         return wire_dtype_for(self.wire_dtype, connection.host)
 
+    def _mismatch(
+        self, connection: _Connection, request: Header, ours: StateLayout, what: str
+    ) -> None:
+        """Log a refused pull whose fingerprint differs from ``ours`` and answer
+        LAYOUT_MISMATCH with our description (``what``: "layout" or "optimizer")."""
+        text = ours.describe()
+        with self._lock:
+            self.rejected += 1
+        self._rejections.warning(
+            connection.host,
+            what,
+            "refused %spull from %s: %s mismatch: theirs %s; ours %s",
+            "a state " if what == "optimizer" else "",
+            connection.peer,
+            what,
+            describe_fingerprint(request.size, request.shape_hash),
+            text,
+        )
+        payload = text.encode()[:MAX_TEXT_PAYLOAD]
+        size, shape_hash = ours.fingerprint
+        reply = encode_header(
+            MessageType.LAYOUT_MISMATCH, size=size, shape_hash=shape_hash, length=len(payload)
+        )
+        self._send(connection, time.monotonic() + self.timeout, reply + payload)
+
+    def _answer_state(self, connection: _Connection, request: Header) -> bool:
+        """Answer a STATE pull with our optimizer state (float32); False to close."""
+        share = self._state
+        deadline = time.monotonic() + self.timeout
+        if share is None or self._source is None:
+            self._send(connection, deadline, encode_header(MessageType.NOT_READY))
+            return True
+        if (request.size, request.shape_hash) != share.layout.fingerprint:
+            self._mismatch(connection, request, share.layout, "optimizer")
+            return False
+        # The training thread copies its optimizer at its next publish; wait for that copy.
+        if not share.request(wait=self.timeout):
+            self._send(connection, deadline, encode_header(MessageType.NOT_READY))
+            return True
+        with share.held() as state:
+            start = time.monotonic()
+            deadline = transfer_deadline(start, state.nbytes, self.timeout)
+            sent = self._send_params(
+                connection,
+                share.layout,
+                state,
+                (share.clock, share.loss),
+                deadline,
+                WireDType.FLOAT32,
+            )
+        if connection.session is not None:
+            sent += MAC_SIZE
+        with self._lock:
+            self.served_state += 1
+            self.bytes_out += sent
+        return True
+
     def _send_params(
-        self, connection: _Connection, layout: Layout, snapshot: Snapshot, deadline: float
+        self,
+        connection: _Connection,
+        layout: StateLayout,
+        params: np.ndarray,
+        clock_loss: tuple[float, float],
+        deadline: float,
+        dtype: WireDType,
     ) -> int:
-        """Stream the snapshot as PARAMS in the wire dtype, tagged chunk by chunk; its size.
+        """Stream ``params`` as PARAMS in ``dtype``, tagged chunk by chunk; the bytes sent.
 
         ``deadline`` is far enough for a slow link; a peer that takes no byte for ``timeout``
         seconds is dropped long before it.
         """
-        conn, session, dtype = connection.sock, connection.session, self._dtype(connection)
+        conn, session = connection.sock, connection.session
         idle = self.timeout
+        size, shape_hash = layout.fingerprint
         reply = encode_header(
             MessageType.PARAMS,
-            clock=snapshot.clock,
-            loss=snapshot.loss,
-            size=layout.size,
-            shape_hash=layout.shape_hash,
-            length=dtype.payload_bytes(layout.size),
+            clock=clock_loss[0],
+            loss=clock_loss[1],
+            size=size,
+            shape_hash=shape_hash,
+            length=dtype.payload_bytes(size),
             dtype=dtype,
         )
         mac = session.send.begin() if session is not None else None
@@ -586,7 +649,7 @@ class Server:
             if connection.scratch is None:
                 connection.scratch = np.empty(SCRATCH_BYTES, np.uint8)
             scratch = connection.scratch
-        for chunk in encode_chunks(snapshot.params, dtype, scratch):
+        for chunk in encode_chunks(params, dtype, scratch):
             if mac is None:
                 send_all(conn, chunk, deadline, idle)
                 continue
@@ -596,7 +659,7 @@ class Server:
                 send_all(conn, piece, deadline, idle)
         if mac is not None:
             send_all(conn, mac.digest(), deadline, idle)
-        return HEADER.size + dtype.payload_bytes(layout.size)
+        return HEADER.size + dtype.payload_bytes(size)
 
 
 _MAC_CHUNK = 1 << 20  # bytes tagged and sent at a time

@@ -28,6 +28,7 @@ __all__ = [
     "VERSION",
     "FLAG_IF_IDLE",
     "FLAG_SHM",
+    "FLAG_STATE",
     "SHM_ANSWER",
     "DType",
     "Header",
@@ -42,9 +43,10 @@ __all__ = [
 ]
 
 MAGIC = b"DPWA"
-VERSION = 3
-"""Version 3 adds the int8 dtype, the IF_IDLE flag and BUSY; version 2 tags every message after
-an ``auth`` handshake. Other versions are refused."""
+VERSION = 4
+"""Version 4 adds the STATE flag (optimizer state at catch-up); version 3 the int8 dtype, the
+IF_IDLE flag and BUSY; version 2 tags every message after an ``auth`` handshake. Other versions
+are refused."""
 HEADER = struct.Struct("<4sBBHBBHddQQQ")
 """magic, version, type, flags, dtype, reserved8, reserved16, clock, loss, size, hash, length."""
 MAX_TEXT_PAYLOAD = 64 * 1024
@@ -53,7 +55,11 @@ FLAG_SHM = 0x0001
 """PULL flag: the client can read the answer from shared memory (see :mod:`dpwa_core.shm`)."""
 FLAG_IF_IDLE = 0x0002
 """PULL flag: answer BUSY instead of parameters when already sending parameters to a peer."""
-_KNOWN_FLAGS = FLAG_SHM | FLAG_IF_IDLE
+FLAG_STATE = 0x0004
+"""PULL flag: answer the optimizer state (the layout in the request is the client's optimizer
+layout, :class:`~dpwa_core.optimizer_state.OptimizerLayout`), not the parameters; always float32
+over TCP, the other flags are ignored."""
+_KNOWN_FLAGS = FLAG_SHM | FLAG_IF_IDLE | FLAG_STATE
 SHM_ANSWER = struct.Struct("<B7xQ16s64s")
 """SHM_PARAMS payload: slot, pad, sequence, token, segment name (NUL-padded ASCII)."""
 

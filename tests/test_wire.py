@@ -18,6 +18,7 @@ from dpwa_core.wire import (
     HEADER,
     MAX_TEXT_PAYLOAD,
     SHM_ANSWER,
+    VERSION,
     DType,
     MessageType,
     ShmAnswer,
@@ -29,7 +30,7 @@ from dpwa_core.wire import (
 
 FIELDS = dict(
     magic=b"DPWA",
-    version=3,
+    version=VERSION,
     type=2,
     flags=0,
     dtype=1,
@@ -52,7 +53,7 @@ def test_header_is_52_bytes_little_endian() -> None:
     data = encode_header(MessageType.PARAMS, clock=3.0, loss=0.5, size=2, shape_hash=7, length=8)
     assert len(data) == 52
     assert data[:4] == b"DPWA"
-    assert data[4] == 3 and data[5] == 2
+    assert data[4] == 4 and data[5] == 2
     assert struct.unpack_from("<d", data, 12)[0] == 3.0
     assert struct.unpack_from("<Q", data, 44)[0] == 8
 
@@ -80,7 +81,7 @@ def test_round_trip() -> None:
         (dict(type=0), "unknown message type 0"),
         (dict(type=11), "unknown message type 11"),
         (dict(flags=1), "unknown flags"),
-        (dict(flags=4, type=1, length=0), "unknown flags 0x0004"),
+        (dict(flags=8, type=1, length=0), "unknown flags 0x0008"),
         (dict(dtype=5), "unknown payload dtype"),
         (dict(dtype=2), "does not hold 10 float16"),
         (dict(type=8, length=40), "SHM_PARAMS payload is 40 bytes"),
