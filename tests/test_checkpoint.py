@@ -497,3 +497,110 @@ def test_a_node_without_optimizer_loads_only_the_model(
         info = checkpoint.load(plain, path)
         assert info.has_optimizer and not info.optimizer_loaded
         assert plain.optimizer is None and np.array_equal(_flat(plain), model)
+
+
+# --- Keras and JAX ---------------------------------------------------------------------------
+
+
+def _keras_mlp(keras: Any) -> Any:
+    layers = keras.layers
+    return keras.Sequential(
+        [keras.Input((6,)), layers.Dense(8, activation="tanh"), layers.Dense(3)]
+    )
+
+
+def test_a_torch_checkpoints_model_loads_into_keras(
+    trained: Any, config: dict[str, Any], tmp_path: Path
+) -> None:
+    """The model layout is canonical, so the model crosses frameworks (optimizer state cannot)."""
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tensorflow")
+    path = checkpoint.save(trained, tmp_path / "w1.safetensors")
+    x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+    with torch.no_grad():
+        expected = trained.state(torch.from_numpy(x)).numpy()
+    trained.close()
+    model = _keras_mlp(keras)
+    with dpwa_core.connect(model, config, "w1", framework="keras") as other:
+        info = checkpoint.load(other, path)
+        assert info.framework == "torch"
+        assert (other.node.clock, other.node.loss) == (info.clock, info.loss)
+        np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_keras_model_and_optimizer_round_trip(config: dict[str, Any], tmp_path: Path) -> None:
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tensorflow")
+    if not _carries_optimizer("keras"):
+        pytest.skip("the keras adapter does not carry optimizer state yet")
+    rng = np.random.default_rng(0)
+
+    def trained_keras(seed: int, steps: int) -> tuple[Any, Any]:
+        keras.utils.set_random_seed(seed)
+        model = _keras_mlp(keras)
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        gossip = dpwa_core.connect(model, config, "w1", optimizer=model.optimizer)
+        for _ in range(steps):
+            x = rng.standard_normal((16, 6)).astype(np.float32)
+            loss = model.train_on_batch(x, x[:, :3])
+            gossip.step(float(np.asarray(loss).ravel()[0]), samples=16)
+        return gossip, model
+
+    gossip, model = trained_keras(0, 4)
+    with gossip:
+        path = checkpoint.save(gossip, tmp_path / "w1.safetensors")
+        weights = [np.array(w) for w in model.get_weights()]
+        opt_vars = [np.array(v) for v in model.optimizer.variables]
+        clock, loss = gossip.node.clock, gossip.node.loss
+    resumed, fresh = trained_keras(7, 1)  # Keras builds its optimizer's variables lazily too
+    with resumed:
+        info = checkpoint.load(resumed, path)
+        assert info.optimizer_loaded and resumed.optimizer is fresh.optimizer
+        for a, b in zip(fresh.get_weights(), weights, strict=True):
+            assert np.array_equal(np.asarray(a), b)
+        for a, b in zip(fresh.optimizer.variables, opt_vars, strict=True):
+            assert np.asarray(a).dtype == b.dtype and np.array_equal(np.asarray(a), b)
+        assert (resumed.node.clock, resumed.node.loss) == (clock, loss)
+
+
+def test_jax_params_and_optax_state_round_trip(config: dict[str, Any], tmp_path: Path) -> None:
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    if not _carries_optimizer("jax"):
+        pytest.skip("the jax adapter does not carry optimizer state yet")
+    jnp = jax.numpy
+    tx = optax.adam(0.01)
+
+    def loss_fn(params: Any, x: Any) -> Any:
+        return jnp.mean((jnp.tanh(x @ params["kernel"] + params["bias"]) - 0.5) ** 2)
+
+    def trained_jax(seed: int, steps: int) -> tuple[Any, Any]:
+        key = jax.random.PRNGKey(seed)
+        params = {"kernel": jax.random.normal(key, (6, 3)), "bias": jnp.zeros(3)}
+        opt_state = tx.init(params)
+        gossip = dpwa_core.connect(params, config, "w1", framework="jax", optimizer=opt_state)
+        for i in range(steps):
+            x = jax.random.normal(jax.random.PRNGKey(100 + i), (16, 6))
+            loss, grads = jax.value_and_grad(loss_fn)(gossip.state, x)
+            updates, opt_state = tx.update(grads, gossip.optimizer, gossip.state)
+            params = optax.apply_updates(gossip.state, updates)
+            gossip.step(float(loss), params, samples=16, optimizer=opt_state)
+        return gossip, tx
+
+    def leaves(tree: Any) -> list[np.ndarray]:
+        return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+
+    gossip, _ = trained_jax(0, 4)
+    with gossip:
+        path = checkpoint.save(gossip, tmp_path / "w1.safetensors")
+        params, opt_state = leaves(gossip.state), leaves(gossip.optimizer)
+        clock, loss = gossip.node.clock, gossip.node.loss
+    resumed, _ = trained_jax(5, 0)  # optax state exists from init: no step needed
+    with resumed:
+        info = checkpoint.load(resumed, path)
+        assert info.optimizer_loaded and info.framework == "jax"
+        for a, b in zip(leaves(resumed.state), params, strict=True):
+            assert np.array_equal(a, b)
+        for a, b in zip(leaves(resumed.optimizer), opt_state, strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+        assert (resumed.node.clock, resumed.node.loss) == (clock, loss)
