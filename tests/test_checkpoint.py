@@ -604,3 +604,24 @@ def test_jax_params_and_optax_state_round_trip(config: dict[str, Any], tmp_path:
         for a, b in zip(leaves(resumed.optimizer), opt_state, strict=True):
             assert a.dtype == b.dtype and np.array_equal(a, b)
         assert (resumed.node.clock, resumed.node.loss) == (clock, loss)
+
+
+@needs_torch_optimizer
+def test_an_optimizer_write_refused_after_the_model_puts_the_model_back(
+    config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checks only the adapter can make (Keras's integer counters) come after the model's write."""
+    gossip, _ = _trained_with(config, "adam", seed=0, steps=2)
+    with gossip:
+        path = checkpoint.save(gossip, tmp_path / "w1.safetensors")
+        _train(gossip, gossip.state, gossip.optimizer, 2, seed=9)
+        unchanged = Unchanged(gossip)
+
+        def refuse(optimizer: Any, state: Any, flat: np.ndarray) -> Any:
+            assert not np.array_equal(_flat(gossip), unchanged.model)  # the model was written
+            raise dpwa_core.AdapterError("a counter is not a whole number")
+
+        monkeypatch.setattr(gossip.adapter, "optimizer_from_flat", refuse)
+        with pytest.raises(CheckpointError, match="optimizer state was refused.*whole number"):
+            checkpoint.load(gossip, path)
+        unchanged.check()
