@@ -625,3 +625,22 @@ def test_an_optimizer_write_refused_after_the_model_puts_the_model_back(
         with pytest.raises(CheckpointError, match="optimizer state was refused.*whole number"):
             checkpoint.load(gossip, path)
         unchanged.check()
+
+
+@needs_torch_optimizer
+def test_an_optimizer_without_state_yet_is_refused_on_save_and_load(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    gossip, _ = _trained_with(config, "adam", seed=0, steps=2)
+    with gossip:
+        path = checkpoint.save(gossip, tmp_path / "w1.safetensors")
+    model = _model(1)
+    optimizer = OPTIMIZERS["adam"](model.parameters())  # no step taken: no state yet
+    with dpwa_core.connect(model, config, "w1", optimizer=optimizer) as fresh:
+        unchanged = Unchanged(fresh)
+        with pytest.raises(CheckpointError, match="optimizer layout.*nothing was loaded"):
+            checkpoint.load(fresh, path)
+        unchanged.check()
+        with pytest.raises(CheckpointError, match="cannot save the optimizer's state"):
+            checkpoint.save(fresh, tmp_path / "early.safetensors")
+        assert not (tmp_path / "early.safetensors").exists()
