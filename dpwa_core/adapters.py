@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from dpwa_core.errors import AdapterError
 from dpwa_core.layout import Layout
+from dpwa_core.optimizer_state import OptimizerLayout, OptT
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -222,6 +223,78 @@ class Adapter(abc.ABC):
         raise AdapterError(
             f"the {type(self).__name__} ({self.framework_name}) has no training callback; call "
             "gossip.update_send(loss) before each step and gossip.update_wait(loss) after it"
+        )
+
+    def optimizer_layout(self, optimizer: object, state: object) -> OptimizerLayout:
+        """Describe the optimizer's state tensors, in the order of its flat buffer.
+
+        The layout is taken from the state as it is, so call it after the optimizer's first
+        step. Entries that hold nothing (SGD without momentum) are left out: such an optimizer
+        has a layout of size 0. The same optimizer type on the same architecture gives the
+        same fingerprint in every process; another type, model or framework another one.
+
+        Args:
+            optimizer: the optimizer (``torch.optim.Optimizer``, a Keras optimizer) or, for
+                immutable frameworks, the optimizer's state (an optax state pytree).
+            state: the model the optimizer trains (the params pytree, for JAX).
+
+        Returns:
+            The :class:`~dpwa_core.optimizer_state.OptimizerLayout`.
+
+        Raises:
+            AdapterError: the optimizer's state is not built yet, holds something that cannot
+                be carried as float32, or this adapter does not carry optimizer state (this
+                default).
+        """
+        raise AdapterError(
+            f"the {self.framework_name} adapter does not carry optimizer state "
+            f"({type(self).__name__} does not implement the optimizer_* methods)"
+        )
+
+    def optimizer_to_flat(
+        self, optimizer: object, state: object, out: FlatArray | None = None
+    ) -> FlatArray:
+        """Copy the optimizer's state tensors into one flat float32 vector.
+
+        Args:
+            optimizer: as for :meth:`optimizer_layout`.
+            state: the model the optimizer trains.
+            out: optional writable, C-contiguous float32 array of the layout's size to fill.
+
+        Returns:
+            ``out`` when given, else a new 1-D float32 array.
+
+        Raises:
+            AdapterError: as for :meth:`optimizer_layout`; ``out`` does not fit; an integer
+                counter is beyond 2**24 (float32 would round it).
+        """
+        raise AdapterError(
+            f"the {self.framework_name} adapter does not carry optimizer state "
+            f"({type(self).__name__} does not implement the optimizer_* methods)"
+        )
+
+    def optimizer_from_flat(self, optimizer: OptT, state: object, flat: FlatArray) -> OptT:
+        """Write a flat vector of optimizer state into the optimizer.
+
+        The whole buffer is checked first (float32, 1-D, the layout's size, all finite, whole
+        numbers for integer counters): a bad buffer raises and changes nothing.
+
+        Args:
+            optimizer: as for :meth:`optimizer_layout`.
+            state: the model the optimizer trains.
+            flat: 1-D float32 array of the layout's size.
+
+        Returns:
+            The optimizer with the new state: the same object where it is mutable (PyTorch,
+            Keras), a new optax state for JAX; callers always keep the returned value.
+
+        Raises:
+            AdapterError: ``flat`` is invalid, or as for :meth:`optimizer_layout`; nothing was
+                written.
+        """
+        raise AdapterError(
+            f"the {self.framework_name} adapter does not carry optimizer state "
+            f"({type(self).__name__} does not implement the optimizer_* methods)"
         )
 
 

@@ -47,6 +47,8 @@ from dpwa_core.adapters import (
     validate_flat,
 )
 from dpwa_core.layout import Layout
+from dpwa_core.optimizer_state import OptimizerLayout, OptT
+from dpwa_torch import _optimizer
 from dpwa_torch._blend import lerp_
 from dpwa_torch._flat import active, flat_buffer, flatten_, why_not
 from dpwa_torch._plan import is_tensor_dict, plan_for
@@ -234,6 +236,68 @@ class TorchAdapter(Adapter):
                 info = torch.finfo(tensor.dtype)
                 tensor.copy_(blended.clamp_(info.min, info.max))
         return state
+
+    def optimizer_layout(self, optimizer: object, state: object) -> OptimizerLayout:
+        """Describe a ``torch.optim.Optimizer``'s state on ``state``, in buffer order.
+
+        Per parameter in ``named_parameters()`` order, the entries of ``optimizer.state[p]``
+        in sorted key order (tensors, scalar ``step`` tensors included, and plain numbers;
+        None entries left out), named ``"<parameter index>.<key>"``; the kind is the
+        optimizer's class, e.g. ``"torch.optim.Adam"``. ``param_groups`` (learning rates and
+        other hyperparameters) are not carried.
+
+        Args:
+            optimizer: the optimizer, after its first ``step()``.
+            state: the module it trains (or a dict of its parameters).
+
+        Returns:
+            The layout; size 0 for SGD without momentum.
+
+        Raises:
+            AdapterError: the optimizer has no state yet, holds state for tensors that are not
+                the model's parameters, or holds values that are not real tensors or numbers.
+        """
+        return _optimizer.optimizer_layout(optimizer, state)
+
+    def optimizer_to_flat(
+        self, optimizer: object, state: object, out: FlatArray | None = None
+    ) -> FlatArray:
+        """Copy the optimizer's state into one float32 vector.
+
+        Args:
+            optimizer: the optimizer, after its first ``step()``.
+            state: the module it trains.
+            out: optional writable, C-contiguous float32 array of the layout's size.
+
+        Returns:
+            ``out`` when given, else a new array.
+
+        Raises:
+            AdapterError: as for :meth:`optimizer_layout`; ``out`` does not fit; an integer
+                state tensor holds a value beyond 2**24.
+        """
+        flat: FlatArray = _optimizer.optimizer_to_flat(optimizer, state, out)
+        return flat
+
+    def optimizer_from_flat(self, optimizer: OptT, state: object, flat: FlatArray) -> OptT:
+        """Write a flat vector into the optimizer's state tensors in place (``copy_``).
+
+        Each tensor keeps its dtype and device. The whole buffer is checked first, so a bad
+        one changes nothing.
+
+        Args:
+            optimizer: the optimizer, after its first ``step()``.
+            state: the module it trains.
+            flat: 1-D, finite float32 array of the layout's size.
+
+        Returns:
+            ``optimizer`` itself.
+
+        Raises:
+            AdapterError: ``flat`` is invalid, or as for :meth:`optimizer_layout`.
+        """
+        result: OptT = _optimizer.optimizer_from_flat(optimizer, state, flat)
+        return result
 
 
 def _native_view(

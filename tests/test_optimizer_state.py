@@ -1,0 +1,356 @@
+"""Optimizer state through the adapters: one flat float32 buffer with its own fingerprint.
+
+Each framework's tests import it with ``pytest.importorskip``; every round trip trains the
+optimizer for real first and compares every state tensor exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dpwa_core.adapters import Adapter, get_adapter
+from dpwa_core.errors import AdapterError
+from dpwa_core.layout import Layout
+from dpwa_core.optimizer_state import (
+    MAX_EXACT_INTEGER,
+    OptimizerLayout,
+    check_integers,
+    validate_optimizer_flat,
+)
+
+# ---------------------------------------------------------------------------------------------
+# OptimizerLayout and the neutral helpers
+
+
+def test_layout_size_hash_and_description() -> None:
+    layout = OptimizerLayout("torch.optim.Adam", ["0.exp_avg", "0.step"], [(3, 2), ()])
+    assert (layout.size, layout.nbytes) == (7, 28)
+    assert layout.shapes == ((3, 2), ())
+    assert layout.fingerprint == (7, layout.shape_hash)
+    assert 0 <= layout.shape_hash < 2**64
+    same = OptimizerLayout("torch.optim.Adam", ("0.exp_avg", "0.step"), ((3, 2), ()))
+    assert same == layout and same.fingerprint == layout.fingerprint
+    # The kind, the names and the shapes all count.
+    others = [
+        OptimizerLayout("torch.optim.AdamW", ("0.exp_avg", "0.step"), ((3, 2), ())),
+        OptimizerLayout("torch.optim.Adam", ("0.exp_avg_sq", "0.step"), ((3, 2), ())),
+        OptimizerLayout("torch.optim.Adam", ("0.exp_avg", "0.step"), ((2, 3), ())),
+    ]
+    assert len({layout.shape_hash, *(other.shape_hash for other in others)}) == 4
+    # A model layout with the same shapes does not collide with it.
+    assert layout.shape_hash != Layout([(3, 2), ()]).shape_hash
+    text = layout.describe()
+    assert "torch.optim.Adam" in text and "7 elements" in text
+    assert "0.exp_avg:3x2" in text and "0.step:scalar" in text
+    assert OptimizerLayout("optax", (), ()).size == 0
+
+
+def test_layout_refuses_inconsistent_fields() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        OptimizerLayout("k", ("a", "a"), ((1,), (2,)))
+    with pytest.raises(ValueError, match="one name per shape"):
+        OptimizerLayout("k", ("a",), ((1,), (2,)))
+    with pytest.raises(ValueError, match="negative"):
+        OptimizerLayout("k", ("a",), ((-1,),))
+    with pytest.raises(ValueError, match="kind"):
+        OptimizerLayout("", ("a",), ((1,),))
+
+
+def test_shape_hash_is_the_same_in_another_process() -> None:
+    layout = OptimizerLayout("keras.optimizers.Adam", ("iteration", "0.momentum"), ((), (4, 2)))
+    code = (
+        "from dpwa_core.optimizer_state import OptimizerLayout as L;"
+        "print(L('keras.optimizers.Adam', ('iteration', '0.momentum'), ((), (4, 2))).shape_hash)"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert int(out.stdout) == layout.shape_hash
+
+
+def test_validate_and_integer_checks() -> None:
+    layout = OptimizerLayout("k", ("a", "b"), ((2,), ()))
+    good = np.zeros(3, np.float32)
+    assert validate_optimizer_flat(good, layout) is good
+    bad: list[Any] = [
+        [0.0, 0.0, 0.0],
+        np.zeros(3, np.float64),
+        np.zeros((3, 1), np.float32),
+        np.zeros(4, np.float32),
+        np.array([0, np.nan, 0], np.float32),
+        np.array([0, 0, np.inf], np.float32),
+    ]
+    for flat in bad:
+        with pytest.raises(AdapterError, match="optimizer state"):
+            validate_optimizer_flat(flat, layout)
+    check_integers(np.array([0.0, MAX_EXACT_INTEGER], np.float32), np.int64, "count")
+    check_integers(np.array([0.5], np.float32), np.float32, "lr")  # floats pass
+    for values, dtype in [
+        (np.array([1.5], np.float32), np.int32),
+        (np.array([MAX_EXACT_INTEGER + 2], np.float64), np.int64),
+        (np.array([-1.0], np.float32), np.uint8),
+        (np.array([300.0], np.float32), np.int8),
+        (np.array([2.0], np.float32), np.bool_),
+    ]:
+        with pytest.raises(AdapterError, match="exactly"):
+            check_integers(values, dtype, "count")
+
+
+def test_base_adapter_does_not_carry_optimizer_state() -> None:
+    class Bare(Adapter):
+        framework_name = "builtins"
+
+        def handles(self, state: object) -> bool:
+            return isinstance(state, list)
+
+        def layout(self, state: Any) -> Layout:
+            return Layout.flat(len(state))
+
+        def to_flat(self, state: Any, out: Any = None) -> Any:
+            return np.asarray(state, np.float32)
+
+        def from_flat(self, state: Any, flat: Any) -> Any:
+            return state
+
+    bare = Bare()
+    with pytest.raises(AdapterError, match="builtins adapter does not carry optimizer state"):
+        bare.optimizer_layout(object(), [1.0])
+    with pytest.raises(AdapterError, match="does not carry optimizer state"):
+        bare.optimizer_to_flat(object(), [1.0])
+    with pytest.raises(AdapterError, match="does not carry optimizer state"):
+        bare.optimizer_from_flat(object(), [1.0], np.zeros(0, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def _torch_model(seed: int, hidden: int = 8) -> Any:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2)
+    )
+
+
+def _torch_train(model: Any, optimizer: Any, steps: int, seed: int = 0) -> None:
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 4, generator=generator)
+        y = torch.randn(16, 2, generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def _torch_state(optimizer: Any, model: Any) -> list[tuple[int, str, Any]]:
+    """Every (parameter index, key, value clone) of the optimizer's state, in model order."""
+    found = []
+    for i, param in enumerate(model.parameters()):
+        for key, value in sorted(optimizer.state.get(param, {}).items()):
+            clone = value.detach().clone() if hasattr(value, "detach") else value
+            found.append((i, key, clone))
+    return found
+
+
+def _assert_same_torch_state(a: list[Any], b: list[Any]) -> None:
+    torch = pytest.importorskip("torch")
+    assert [(i, k) for i, k, _ in a] == [(i, k) for i, k, _ in b]
+    for (_, key, x), (_, _, y) in zip(a, b, strict=True):
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.shape == y.shape, key
+            assert torch.equal(x, y), key
+        else:
+            assert x == y, key
+
+
+_TORCH_OPTIMIZERS = {
+    "sgd_momentum": lambda torch, p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "adam": lambda torch, p: torch.optim.Adam(p, lr=1e-2),
+    "adamw_amsgrad": lambda torch, p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True),
+    "rmsprop": lambda torch, p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TORCH_OPTIMIZERS))
+@pytest.mark.parametrize("flattened", [False, True], ids=["plain", "flattened"])
+def test_torch_round_trip_is_bit_identical(name: str, flattened: bool) -> None:
+    torch = pytest.importorskip("torch")
+    adapter = get_adapter("torch")
+    make = _TORCH_OPTIMIZERS[name]
+    source, target = _torch_model(0), _torch_model(1)
+    if flattened:  # what connect() does to CPU models; the Parameter objects stay the same
+        adapter.prepare(source)
+    source_opt = make(torch, source.parameters())
+    target_opt = make(torch, target.parameters())
+    if flattened:  # the optimizer made before flattening must work as well
+        adapter.prepare(target)
+    if flattened:
+        from dpwa_torch import flat_buffer
+
+        assert flat_buffer(source) is not None and flat_buffer(target) is not None
+    _torch_train(source, source_opt, 5, seed=1)
+    _torch_train(target, target_opt, 2, seed=2)
+
+    layout = adapter.optimizer_layout(source_opt, source)
+    assert layout == adapter.optimizer_layout(target_opt, target)
+    assert layout.kind.startswith("torch.optim.")
+    assert layout.size > 0
+    if name.startswith("adam"):
+        assert "0.step" in layout.names and layout.shapes[layout.names.index("0.step")] == ()
+
+    before = _torch_state(source_opt, source)
+    flat = adapter.optimizer_to_flat(source_opt, source)
+    assert flat.dtype == np.float32 and flat.shape == (layout.size,)
+    flat.setflags(write=False)  # as a buffer received from the network
+    assert adapter.optimizer_from_flat(target_opt, target, flat) is target_opt
+    _assert_same_torch_state(_torch_state(target_opt, target), before)
+    _assert_same_torch_state(_torch_state(source_opt, source), before)  # source untouched
+    # Both now take the same step from the same model.
+    target.load_state_dict(source.state_dict())
+    _torch_train(source, source_opt, 1, seed=3)
+    _torch_train(target, target_opt, 1, seed=3)
+    for a, b in zip(source.parameters(), target.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_torch_to_flat_fills_out_and_checks_it() -> None:
+    torch = pytest.importorskip("torch")
+    adapter = get_adapter("torch")
+    model = _torch_model(0)
+    optimizer = torch.optim.Adam(model.parameters())
+    _torch_train(model, optimizer, 2)
+    layout = adapter.optimizer_layout(optimizer, model)
+    out = np.full(layout.size, -1.0, np.float32)
+    assert adapter.optimizer_to_flat(optimizer, model, out=out) is out
+    np.testing.assert_array_equal(out, adapter.optimizer_to_flat(optimizer, model))
+    with pytest.raises(AdapterError, match="out must be"):
+        adapter.optimizer_to_flat(optimizer, model, out=np.empty(layout.size + 1, np.float32))
+
+
+def test_torch_fingerprints_differ_by_type_and_model() -> None:
+    torch = pytest.importorskip("torch")
+    adapter = get_adapter("torch")
+    layouts = []
+    for make, model in [
+        (lambda p: torch.optim.Adam(p), _torch_model(0)),
+        (lambda p: torch.optim.AdamW(p), _torch_model(0)),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), _torch_model(0)),
+        (lambda p: torch.optim.Adam(p), _torch_model(0, hidden=9)),
+    ]:
+        optimizer = make(model.parameters())
+        _torch_train(model, optimizer, 1)
+        layouts.append(adapter.optimizer_layout(optimizer, model))
+    assert len({layout.fingerprint for layout in layouts}) == len(layouts)
+    # Hyperparameters are not part of the layout: another learning rate, the same fingerprint.
+    model = _torch_model(5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5, betas=(0.5, 0.6))
+    _torch_train(model, optimizer, 1)
+    assert adapter.optimizer_layout(optimizer, model).fingerprint == layouts[0].fingerprint
+
+
+def test_torch_bad_buffers_change_nothing() -> None:
+    torch = pytest.importorskip("torch")
+    adapter = get_adapter("torch")
+    model = _torch_model(0)
+    optimizer = torch.optim.Adam(model.parameters())
+    _torch_train(model, optimizer, 3)
+    before = _torch_state(optimizer, model)
+    size = adapter.optimizer_layout(optimizer, model).size
+    nan = np.ones(size, np.float32)
+    nan[-1] = np.nan
+    bad: list[Any] = [
+        np.ones(size - 1, np.float32),
+        np.ones(size, np.float64),
+        np.ones((size, 1), np.float32),
+        nan,
+        np.full(size, np.inf, np.float32),
+        torch.ones(size),
+    ]
+    for flat in bad:
+        with pytest.raises(AdapterError, match="optimizer state"):
+            adapter.optimizer_from_flat(optimizer, model, flat)
+        _assert_same_torch_state(_torch_state(optimizer, model), before)
+
+
+def test_torch_counters_must_be_whole_numbers() -> None:
+    torch = pytest.importorskip("torch")
+    adapter = get_adapter("torch")
+    model = _torch_model(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _torch_train(model, optimizer, 1)
+    first = next(iter(model.parameters()))
+    optimizer.state[first]["count"] = torch.tensor(7, dtype=torch.int64)  # an integer counter
+    layout = adapter.optimizer_layout(optimizer, model)
+    flat = adapter.optimizer_to_flat(optimizer, model)
+    at = sum(int(np.prod(s)) for s in layout.shapes[: layout.names.index("0.count")])
+    assert flat[at] == 7.0
+    before = _torch_state(optimizer, model)
+    flat[at] = 7.5
+    with pytest.raises(AdapterError, match="exactly"):
+        adapter.optimizer_from_flat(optimizer, model, flat)
+    _assert_same_torch_state(_torch_state(optimizer, model), before)
+    flat[at] = 9.0
+    adapter.optimizer_from_flat(optimizer, model, flat)
+    assert optimizer.state[first]["count"].dtype == torch.int64
+    assert int(optimizer.state[first]["count"]) == 9
+    optimizer.state[first]["count"].fill_(MAX_EXACT_INTEGER + 1)
+    with pytest.raises(AdapterError, match="exactly"):
+        adapter.optimizer_to_flat(optimizer, model)
+
+
+def test_torch_keeps_dtypes() -> None:
+    torch = pytest.importorskip("torch")
+    adapter = get_adapter("torch")
+    model = _torch_model(0).double()
+    optimizer = torch.optim.Adam(model.parameters())
+    _torch_train_double(model, optimizer)
+    flat = adapter.optimizer_to_flat(optimizer, model)
+    adapter.optimizer_from_flat(optimizer, model, flat)
+    for _, key, value in _torch_state(optimizer, model):
+        assert value.dtype == (torch.float32 if key == "step" else torch.float64), key
+    np.testing.assert_array_equal(adapter.optimizer_to_flat(optimizer, model), flat)
+
+
+def _torch_train_double(model: Any, optimizer: Any) -> None:
+    torch = pytest.importorskip("torch")
+    x = torch.randn(8, 4, dtype=torch.float64)
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    optimizer.step()
+
+
+def test_torch_unbuilt_stateless_and_foreign() -> None:
+    torch = pytest.importorskip("torch")
+    adapter = get_adapter("torch")
+    model = _torch_model(0)
+    fresh = torch.optim.Adam(model.parameters())
+    with pytest.raises(AdapterError, match=r"first optimizer\.step\(\)"):
+        adapter.optimizer_layout(fresh, model)
+    with pytest.raises(AdapterError, match="no state yet"):
+        adapter.optimizer_to_flat(fresh, model)
+
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert adapter.optimizer_layout(plain, model).size == 0  # before a step too
+    _torch_train(model, plain, 2)
+    layout = adapter.optimizer_layout(plain, model)
+    assert layout.size == 0 and layout.kind == "torch.optim.SGD"
+    empty = adapter.optimizer_to_flat(plain, model)
+    assert empty.shape == (0,)
+    assert adapter.optimizer_from_flat(plain, model, empty) is plain
+
+    other = _torch_model(1)
+    foreign = torch.optim.Adam(other.parameters())
+    _torch_train(other, foreign, 1)
+    with pytest.raises(AdapterError, match="not parameters of this model"):
+        adapter.optimizer_layout(foreign, model)
+    with pytest.raises(AdapterError, match=r"torch\.optim\.Optimizer"):
+        adapter.optimizer_layout(object(), model)
