@@ -46,6 +46,7 @@ MAX_HEADER = 1 << 20
 _MAX_TEXT = 4096  # characters of one metadata string at most
 _MAX_FOREIGN_STATE = 8  # optimizer elements per model element read without an optimizer
 _HASH = re.compile(r"[0-9a-f]{16}")
+_COUNT = re.compile(r"[0-9]{1,19}")
 _REQUIRED = (
     "format",
     "version",
@@ -433,7 +434,7 @@ def _number(source: Path, meta: dict[str, str], key: str) -> float:
 
 def _fingerprint(source: Path, meta: dict[str, str], prefix: str) -> tuple[int, int]:
     size_text, hash_text = meta[f"{prefix}_size"], meta[f"{prefix}_shape_hash"]
-    if not size_text.isdigit() or len(size_text) > 19 or not _HASH.fullmatch(hash_text):
+    if not _COUNT.fullmatch(size_text) or not _HASH.fullmatch(hash_text):
         raise CheckpointError(
             f"{source}: metadata {prefix}_size/{prefix}_shape_hash are {size_text[:40]!r}/"
             f"{hash_text[:40]!r}; expected a count and 16 hex digits"

@@ -235,6 +235,10 @@ HOSTILE: dict[str, tuple[Callable[[bytes], bytes], str]] = {
         "'framework' must be a string",
     ),
     "model size not a count": (lambda d: _with_metadata(d, model_size="-15"), "expected a count"),
+    "model size not ascii": (
+        lambda d: _with_metadata(d, model_size="\uff18\uff13"),
+        "expected a count",
+    ),
     "model hash not hex": (
         lambda d: _with_metadata(d, model_shape_hash="zz" * 8),
         "expected a count",
@@ -332,6 +336,8 @@ def test_the_file_is_plain_safetensors(trained: Any, tmp_path: Path) -> None:
     assert int(meta["model_size"]) == layout.size
     assert int(meta["model_shape_hash"], 16) == layout.shape_hash
     assert "optimizer_kind" not in meta
+    if os.name == "posix":
+        assert path.stat().st_mode & 0o077 == 0  # the owner's only
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     assert header_len < 4096  # far below MAX_HEADER
 
