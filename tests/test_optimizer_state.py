@@ -354,3 +354,136 @@ def test_torch_unbuilt_stateless_and_foreign() -> None:
         adapter.optimizer_layout(foreign, model)
     with pytest.raises(AdapterError, match=r"torch\.optim\.Optimizer"):
         adapter.optimizer_layout(object(), model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras 3
+
+
+def _keras_model(hidden: int = 8) -> Any:
+    keras = pytest.importorskip("keras")
+    return keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(hidden, activation="relu"), keras.layers.Dense(2)]
+    )
+
+
+def _keras_steps(model: Any, optimizer: Any, steps: int, seed: int = 0) -> None:
+    """Real training steps through apply_gradients, on the gradients of an MSE loss."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        x = rng.standard_normal((16, 4)).astype(np.float32)
+        y = rng.standard_normal((16, 2)).astype(np.float32)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+
+
+def _keras_values(optimizer: Any) -> list[tuple[str, np.ndarray]]:
+    return [
+        (v.name, np.array(v.value.numpy()))
+        for v in optimizer.variables
+        if v.name != "learning_rate"
+    ]
+
+
+def _assert_same_keras_values(a: list[Any], b: list[Any]) -> None:
+    assert len(a) == len(b)
+    for (name, x), (_, y) in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert np.array_equal(x, y), name
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd_momentum"])
+def test_keras_round_trip_is_bit_identical(kind: str) -> None:
+    keras = pytest.importorskip("keras")
+    adapter = get_adapter("keras")
+
+    def make(lr: float) -> Any:
+        if kind == "adam":
+            return keras.optimizers.Adam(lr)
+        return keras.optimizers.SGD(lr, momentum=0.9)
+
+    source, target = _keras_model(), _keras_model()  # auto-named layers differ: dense vs dense_2
+    source_opt, target_opt = make(1e-2), make(0.5)
+    source.compile(source_opt, "mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 4)), rng.standard_normal((32, 2))
+    source.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 4 steps through model.fit
+    _keras_steps(target, target_opt, 1, seed=2)
+
+    layout = adapter.optimizer_layout(source_opt, source)
+    assert layout == adapter.optimizer_layout(target_opt, target)
+    assert layout.kind == ("keras.optimizers.Adam" if kind == "adam" else "keras.optimizers.SGD")
+    assert layout.names[0] == "iteration" and layout.shapes[0] == ()
+    assert "0.momentum" in layout.names and "learning_rate" not in layout.names
+
+    before = _keras_values(source_opt)
+    assert int(before[0][1]) == 4
+    flat = adapter.optimizer_to_flat(source_opt, source)
+    assert flat.shape == (layout.size,) and flat[0] == 4.0
+    assert adapter.optimizer_from_flat(target_opt, target, flat) is target_opt
+    _assert_same_keras_values(_keras_values(target_opt), before)
+    assert float(target_opt.learning_rate) == 0.5  # the node keeps its own learning rate
+    _assert_same_keras_values(_keras_values(source_opt), before)
+
+
+def test_keras_fingerprints_unbuilt_stateless_and_bad_buffers() -> None:
+    keras = pytest.importorskip("keras")
+    adapter = get_adapter("keras")
+    model = _keras_model()
+    fresh = keras.optimizers.Adam()
+    with pytest.raises(AdapterError, match="not built yet.*first model.fit batch"):
+        adapter.optimizer_layout(fresh, model)
+
+    adam = keras.optimizers.Adam()
+    _keras_steps(model, adam, 2)
+    momentum = keras.optimizers.SGD(0.1, momentum=0.9)
+    _keras_steps(model, momentum, 1)
+    plain = keras.optimizers.SGD(0.1)
+    _keras_steps(model, plain, 1)
+    wider = _keras_model(hidden=9)
+    adam_wider = keras.optimizers.Adam()
+    _keras_steps(wider, adam_wider, 1)
+    layouts = [
+        adapter.optimizer_layout(adam, model),
+        adapter.optimizer_layout(momentum, model),
+        adapter.optimizer_layout(plain, model),
+        adapter.optimizer_layout(adam_wider, wider),
+    ]
+    assert len({layout.fingerprint for layout in layouts}) == 4
+    # Plain SGD keeps only its step counter.
+    assert layouts[2].names == ("iteration",) and layouts[2].size == 1
+
+    before = _keras_values(adam)
+    size = layouts[0].size
+    nan = np.zeros(size, np.float32)
+    nan[3] = np.nan
+    fraction = adapter.optimizer_to_flat(adam, model)
+    fraction[0] = 2.5  # the iteration counter must be a whole number
+    bad: list[Any] = [np.zeros(size + 1, np.float32), np.zeros(size, np.float64), nan, fraction]
+    for flat in bad:
+        with pytest.raises(AdapterError, match="optimizer state"):
+            adapter.optimizer_from_flat(adam, model, flat)
+        _assert_same_keras_values(_keras_values(adam), before)
+
+    adam.iterations.assign(MAX_EXACT_INTEGER + 1)
+    with pytest.raises(AdapterError, match="exactly"):
+        adapter.optimizer_to_flat(adam, model)
+    with pytest.raises(AdapterError, match="keras.Model or keras.Layer"):
+        adapter.optimizer_layout(adam, object())
+
+
+def test_frameworks_have_different_fingerprints() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("keras")
+    model = _torch_model(0)
+    optimizer = torch.optim.Adam(model.parameters())
+    _torch_train(model, optimizer, 1)
+    keras_model = _keras_model()
+    keras_opt = pytest.importorskip("keras").optimizers.Adam()
+    _keras_steps(keras_model, keras_opt, 1)
+    torch_layout = get_adapter("torch").optimizer_layout(optimizer, model)
+    keras_layout = get_adapter("keras").optimizer_layout(keras_opt, keras_model)
+    assert torch_layout.fingerprint != keras_layout.fingerprint

@@ -44,6 +44,8 @@ from dpwa_core.adapters import (
 )
 from dpwa_core.errors import AdapterError
 from dpwa_core.layout import Layout
+from dpwa_core.optimizer_state import OptimizerLayout, OptT
+from dpwa_tensorflow import _optimizer
 from dpwa_tensorflow.callback import GossipCallback
 
 __all__ = ["GossipCallback", "KerasAdapter"]
@@ -184,6 +186,65 @@ class KerasAdapter(Adapter):
             The callback, for ``model.fit(..., callbacks=[...])``.
         """
         return GossipCallback(gossip, **options)
+
+    def optimizer_layout(self, optimizer: object, state: object) -> OptimizerLayout:
+        """Describe a Keras optimizer's variables, in ``optimizer.variables`` order.
+
+        The ``iteration`` counter and every slot (Adam's ``momentum`` and ``velocity``, SGD's
+        ``momentum``), named ``"<index in model.trainable_variables>.<slot>"`` so that two
+        copies of one architecture agree; the learning rate variable is left out. The kind is
+        the optimizer's class, e.g. ``"keras.optimizers.Adam"``.
+
+        Args:
+            optimizer: a built ``keras.optimizers.Optimizer`` (after the first training step).
+            state: the model it trains.
+
+        Returns:
+            The layout.
+
+        Raises:
+            AdapterError: the optimizer is not built yet, or ``state`` is not a Keras model.
+        """
+        return _optimizer.optimizer_layout(optimizer, state)
+
+    def optimizer_to_flat(
+        self, optimizer: object, state: object, out: FlatArray | None = None
+    ) -> FlatArray:
+        """Copy the optimizer's variables into one float32 vector.
+
+        Args:
+            optimizer: a built Keras optimizer.
+            state: the model it trains.
+            out: optional writable, C-contiguous float32 array of the layout's size.
+
+        Returns:
+            ``out`` when given, else a new array.
+
+        Raises:
+            AdapterError: as for :meth:`optimizer_layout`; ``out`` does not fit; the
+                ``iteration`` counter is beyond 2**24.
+        """
+        flat: FlatArray = _optimizer.optimizer_to_flat(optimizer, state, out)
+        return flat
+
+    def optimizer_from_flat(self, optimizer: OptT, state: object, flat: FlatArray) -> OptT:
+        """Assign a flat vector to the optimizer's variables in place, in their own dtypes.
+
+        The whole buffer is checked first, so a bad one changes nothing.
+
+        Args:
+            optimizer: a built Keras optimizer.
+            state: the model it trains.
+            flat: 1-D, finite float32 array of the layout's size.
+
+        Returns:
+            ``optimizer`` itself.
+
+        Raises:
+            AdapterError: ``flat`` is invalid, or as for :meth:`optimizer_layout`.
+        """
+        result: OptT = _optimizer.optimizer_from_flat(optimizer, state, flat)
+        return result
 
 
 def _variables(state: object) -> list[Any]:
