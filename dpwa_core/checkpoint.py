@@ -30,6 +30,7 @@ import numpy as np
 from dpwa_core._log import get_logger
 from dpwa_core.errors import DpwaError
 from dpwa_core.layout import Layout, describe_fingerprint
+from dpwa_core.optimizer_state import OptimizerLayout
 
 if TYPE_CHECKING:
     from dpwa_core.connect import Gossip
@@ -214,10 +215,10 @@ def load(
         ...     dpwa_core.checkpoint.load(gossip, "w1.safetensors")
     """
     source = Path(path)
-    adapter: Any = gossip.adapter
+    adapter = gossip.adapter
     node = gossip.node
     layout = adapter.layout(gossip.state)
-    opt_layout = None
+    opt_layout: OptimizerLayout | None = None
     if gossip.optimizer is not None:
         try:
             opt_layout = adapter.optimizer_layout(gossip.optimizer, gossip.state)
@@ -315,7 +316,7 @@ def _check_layouts(
     name: str,
     name_check: bool,
     layout: Layout,
-    opt_layout: Any,
+    opt_layout: OptimizerLayout | None,
 ) -> dict[str, int]:
     """Check version, node and fingerprints; return the tensors the file must hold, by size."""
     if meta["version"] != str(VERSION):
@@ -359,8 +360,8 @@ def _check_layouts(
     return expected
 
 
-def _optimizer_flat(gossip: Gossip[Any], target: Path) -> tuple[Any, np.ndarray]:
-    adapter: Any = gossip.adapter
+def _optimizer_flat(gossip: Gossip[Any], target: Path) -> tuple[OptimizerLayout, np.ndarray]:
+    adapter = gossip.adapter
     try:
         opt_layout = adapter.optimizer_layout(gossip.optimizer, gossip.state)
         flat = adapter.optimizer_to_flat(gossip.optimizer, gossip.state)
@@ -375,7 +376,7 @@ def _apply(
     gossip: Gossip[Any], source: Path, model: np.ndarray, optimizer: np.ndarray | None
 ) -> None:
     """Write the model, then the optimizer; put the model back if the optimizer fails."""
-    adapter: Any = gossip.adapter
+    adapter = gossip.adapter
     backup = adapter.to_flat(gossip.state) if optimizer is not None else None
     try:
         state = adapter.from_flat(gossip.state, model)
@@ -383,7 +384,7 @@ def _apply(
         raise CheckpointError(
             f"{source}: the model was refused ({exc}); nothing was loaded"
         ) from exc
-    if optimizer is not None:
+    if optimizer is not None and backup is not None:
         try:
             new_optimizer = adapter.optimizer_from_flat(gossip.optimizer, state, optimizer)
         except DpwaError as exc:
