@@ -487,3 +487,164 @@ def test_frameworks_have_different_fingerprints() -> None:
     torch_layout = get_adapter("torch").optimizer_layout(optimizer, model)
     keras_layout = get_adapter("keras").optimizer_layout(keras_opt, keras_model)
     assert torch_layout.fingerprint != keras_layout.fingerprint
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX / optax
+
+
+def _jax_params(seed: int, hidden: int = 8) -> Any:
+    jax = pytest.importorskip("jax")
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return {
+        "dense1": {"kernel": jax.random.normal(k1, (4, hidden)), "bias": jax.numpy.zeros(hidden)},
+        "dense2": {"kernel": jax.random.normal(k2, (hidden, 2)), "bias": jax.numpy.zeros(2)},
+    }
+
+
+def _jax_loss(params: Any, x: Any, y: Any) -> Any:
+    jnp = pytest.importorskip("jax.numpy")
+    h = jnp.maximum(x @ params["dense1"]["kernel"] + params["dense1"]["bias"], 0)
+    return jnp.mean(jnp.square(h @ params["dense2"]["kernel"] + params["dense2"]["bias"] - y))
+
+
+def _optax_steps(tx: Any, params: Any, opt_state: Any, steps: int, seed: int = 0) -> Any:
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        x = rng.standard_normal((16, 4)).astype(np.float32)
+        y = rng.standard_normal((16, 2)).astype(np.float32)
+        grads = jax.grad(_jax_loss)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params, opt_state
+
+
+def _assert_same_leaves(a: Any, b: Any) -> None:
+    jax = pytest.importorskip("jax")
+    left, left_def = jax.tree_util.tree_flatten(a)
+    right, right_def = jax.tree_util.tree_flatten(b)
+    assert left_def == right_def
+    for x, y in zip(left, right, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+_OPTAX = {
+    "adam": lambda optax: optax.adam(1e-2),
+    "sgd_momentum": lambda optax: optax.sgd(0.05, momentum=0.9),
+    "chain_adamw": lambda optax: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OPTAX))
+def test_optax_round_trip_is_bit_identical(name: str) -> None:
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    adapter = get_adapter("jax")
+    tx = _OPTAX[name](optax)
+    source_params, target_params = _jax_params(0), _jax_params(1)
+    source_params, source_state = _optax_steps(tx, source_params, tx.init(source_params), 4, 1)
+    target_params, target_state = _optax_steps(tx, target_params, tx.init(target_params), 1, 2)
+    kept = jax.tree_util.tree_map(np.array, target_state)
+
+    layout = adapter.optimizer_layout(source_state, source_params)
+    assert layout == adapter.optimizer_layout(target_state, target_params)
+    assert layout.kind.startswith("optax ") and layout.size > 0
+    flat = adapter.optimizer_to_flat(source_state, source_params)
+    assert flat.shape == (layout.size,)
+    flat.setflags(write=False)
+    new_state = adapter.optimizer_from_flat(target_state, target_params, flat)
+    _assert_same_leaves(new_state, source_state)
+    _assert_same_leaves(target_state, kept)  # the old state is not modified
+    if name != "sgd_momentum":
+        counts = [leaf for leaf in jax.tree_util.tree_leaves(new_state) if leaf.dtype.kind == "i"]
+        assert counts and all(int(c) == 4 and c.dtype == np.int32 for c in counts)
+    # The new state drives the same update as the source's.
+    one, _ = _optax_steps(tx, source_params, source_state, 1, 3)
+    two, _ = _optax_steps(tx, source_params, new_state, 1, 3)
+    _assert_same_leaves(one, two)
+
+
+def test_optax_fingerprints_stateless_and_bad_buffers() -> None:
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    adapter = get_adapter("jax")
+    params = _jax_params(0)
+    states = [
+        optax.adam(1e-3).init(params),
+        optax.adamw(1e-3).init(params),
+        optax.sgd(0.1, momentum=0.9).init(params),
+        optax.adam(1e-3).init(_jax_params(0, hidden=9)),
+    ]
+    layouts = [adapter.optimizer_layout(state, params) for state in states]
+    assert len({layout.fingerprint for layout in layouts}) == len(layouts)
+    # Hyperparameters are not in a plain optax state: another learning rate, same fingerprint.
+    assert adapter.optimizer_layout(optax.adam(0.5).init(params), params) == layouts[0]
+
+    plain = optax.sgd(0.1).init(params)
+    assert adapter.optimizer_layout(plain, params).size == 0
+    empty = adapter.optimizer_to_flat(plain, params)
+    assert empty.shape == (0,)
+    _assert_same_leaves(adapter.optimizer_from_flat(plain, params, empty), plain)
+
+    tx = optax.adam(1e-2)
+    params, state = _optax_steps(tx, params, tx.init(params), 2)
+    size = adapter.optimizer_layout(state, params).size
+    nan = np.zeros(size, np.float32)
+    nan[-1] = np.nan
+    fraction = adapter.optimizer_to_flat(state, params)
+    assert fraction[0] == 2.0  # the count comes first
+    fraction[0] = 2.5
+    bad: list[Any] = [np.zeros(size - 1, np.float32), np.zeros(size, np.float64), nan, fraction]
+    for flat in bad:
+        with pytest.raises(AdapterError, match="optimizer state"):
+            adapter.optimizer_from_flat(state, params, flat)
+
+    big = jax.tree_util.tree_map(
+        lambda leaf: leaf + MAX_EXACT_INTEGER if leaf.dtype.kind == "i" else leaf, state
+    )
+    with pytest.raises(AdapterError, match="exactly"):
+        adapter.optimizer_to_flat(big, params)
+    with pytest.raises(AdapterError, match="GradientTransformation"):
+        adapter.optimizer_layout(tx, params)
+    keyed = {"key": jax.random.key(0), "count": jax.numpy.zeros((), jax.numpy.int32)}
+    with pytest.raises(AdapterError, match="random keys"):
+        adapter.optimizer_layout(keyed, params)
+
+
+def test_optax_fingerprint_is_the_same_in_another_process() -> None:
+    pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    code = (
+        "import jax.numpy as jnp, optax;"
+        "from dpwa_core.adapters import get_adapter;"
+        "p = {'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)};"
+        "s = optax.chain(optax.clip(1.0), optax.adam(1e-3)).init(p);"
+        "print(get_adapter('jax').optimizer_layout(s, p).shape_hash)"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="999", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    jnp = pytest.importorskip("jax.numpy")
+    params = {"b": jnp.zeros(2), "w": jnp.ones((3, 2))}  # another insertion order, one tree
+    state = optax.chain(optax.clip(1.0), optax.adam(0.5)).init(params)
+    assert (
+        int(out.stdout.split()[-1]) == get_adapter("jax").optimizer_layout(state, params).shape_hash
+    )
+
+
+def test_optax_and_torch_fingerprints_differ() -> None:
+    torch = pytest.importorskip("torch")
+    optax = pytest.importorskip("optax")
+    model = _torch_model(0)
+    optimizer = torch.optim.Adam(model.parameters())
+    _torch_train(model, optimizer, 1)
+    params = _jax_params(0)
+    state = optax.adam(1e-3).init(params)
+    assert (
+        get_adapter("torch").optimizer_layout(optimizer, model).fingerprint
+        != get_adapter("jax").optimizer_layout(state, params).fingerprint
+    )

@@ -44,6 +44,8 @@ from dpwa_core.adapters import (
 )
 from dpwa_core.errors import AdapterError
 from dpwa_core.layout import Layout
+from dpwa_core.optimizer_state import OptimizerLayout, OptT
+from dpwa_jax import _optimizer
 from dpwa_jax._tree import is_jax_tree, plan_for, rebuild, remember_order
 
 __all__ = ["JaxAdapter", "remember_order"]
@@ -171,6 +173,67 @@ class JaxAdapter(Adapter):
                 for leaf, end in zip(leaves, peers, strict=True)
             ]
         return cast(StateT, rebuild(state, dict(zip(plan.paths, blended, strict=True))))
+
+    def optimizer_layout(self, optimizer: object, state: object) -> OptimizerLayout:
+        """Describe an optax state's leaves, in ``jax.tree_util`` order.
+
+        Leaves are named by their tree path (``"[0].mu['w']"``); the kind is ``"optax "`` and
+        the state's tree structure, so another transformation or another model gives another
+        fingerprint. A state without leaves (plain SGD) has size 0.
+
+        Args:
+            optimizer: the optax state (``opt_state = tx.init(params)``), not the
+                transformation.
+            state: the params pytree (not needed: the state's structure names its params).
+
+        Returns:
+            The layout.
+
+        Raises:
+            AdapterError: ``optimizer`` is a transformation, or has leaves that are not real
+                arrays or numbers (random keys).
+        """
+        return _optimizer.optimizer_layout(optimizer, state)
+
+    def optimizer_to_flat(
+        self, optimizer: object, state: object, out: FlatArray | None = None
+    ) -> FlatArray:
+        """Copy an optax state's leaves into one float32 vector.
+
+        Args:
+            optimizer: the optax state.
+            state: the params pytree.
+            out: optional writable, C-contiguous float32 array of the layout's size.
+
+        Returns:
+            ``out`` when given, else a new array.
+
+        Raises:
+            AdapterError: as for :meth:`optimizer_layout`; ``out`` does not fit; an integer
+                leaf (``count``) is beyond 2**24.
+        """
+        flat: FlatArray = _optimizer.optimizer_to_flat(optimizer, state, out)
+        return flat
+
+    def optimizer_from_flat(self, optimizer: OptT, state: object, flat: FlatArray) -> OptT:
+        """Return a new optax state like ``optimizer`` holding ``flat``'s values.
+
+        Every leaf keeps its shape, dtype and device; integer leaves must come back as whole
+        numbers. The whole buffer is checked first.
+
+        Args:
+            optimizer: the optax state; it is not modified.
+            state: the params pytree.
+            flat: 1-D, finite float32 array of the layout's size.
+
+        Returns:
+            The new optax state (keep it: ``opt_state = adapter.optimizer_from_flat(...)``).
+
+        Raises:
+            AdapterError: ``flat`` is invalid, or as for :meth:`optimizer_layout`.
+        """
+        result: OptT = _optimizer.optimizer_from_flat(optimizer, state, flat)
+        return result
 
 
 def _put(values: np.ndarray, like: jax.Array, dtype: Any = None) -> jax.Array:
