@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from dpwa_core._log import get_logger
 from dpwa_core.adapters import Adapter, detect_adapter, get_adapter
 from dpwa_core.config import Config
+from dpwa_core.errors import DpwaError
 from dpwa_core.node import Node, PullResult
 
 __all__ = ["Gossip", "connect"]
 
 State = TypeVar("State")
+
+_log = get_logger("connect")
+_SHARE_TRIES = 10  # steps at which to look for the optimizer's state before giving up
 
 
 class Gossip(Generic[State]):
@@ -50,6 +56,8 @@ class Gossip(Generic[State]):
         """The latest model state: the one given to connect, or returned by update_wait."""
         self.last: PullResult | None = None
         """The last successful pull (peer, factor, clocks), or None."""
+        self._sharing = False  # whether the optimizer's layout was given to the node (or
+        self._share_tries = 0  # ... given up on), and how many steps looked for it
 
     def step(
         self,
@@ -95,6 +103,7 @@ class Gossip(Generic[State]):
         if result is not None:
             self.last = result
             self.state = self.adapter.interpolate(self.state, result.params, result.factor)
+        self._optimizer_state()
         if not self.blocking:
             node.publish(self._fill, loss, samples=samples, lazy=True)
             node.start_pull(current=self._fill)
@@ -136,10 +145,82 @@ class Gossip(Generic[State]):
         if result is not None:
             self.last = result
             self.state = self.adapter.interpolate(self.state, result.params, result.factor)
+        self._optimizer_state()
         return self.state
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint: the model, the optimizer state, the clock and the node's name.
+
+        One safetensors file, written atomically (docs/CHECKPOINT.md); see
+        :func:`dpwa_core.checkpoint.save`.
+
+        Args:
+            path: the file to write (replaced whole, never half-written).
+
+        Returns:
+            The path written.
+        """
+        from dpwa_core import checkpoint
+
+        return checkpoint.save(self, path)
+
+    def load(self, path: str | os.PathLike[str]) -> Any:
+        """Resume from a checkpoint written by :meth:`save`; every field is checked first.
+
+        See :func:`dpwa_core.checkpoint.load`. A node that is behind its live peers still
+        catches up from them when it joins (``start: shared``).
+
+        Args:
+            path: the checkpoint file.
+
+        Returns:
+            A :class:`dpwa_core.checkpoint.Checkpoint` describing what was loaded.
+
+        Raises:
+            CheckpointError: the file is missing, corrupt, hostile or of another model or
+                optimizer; nothing was changed.
+        """
+        from dpwa_core import checkpoint
+
+        return checkpoint.load(self, path)
 
     def _fill(self, out: np.ndarray) -> None:
         self.adapter.to_flat(self.state, out=out)
+
+    def _fill_optimizer(self, out: np.ndarray) -> None:
+        self.adapter.optimizer_to_flat(self.optimizer, self.state, out=out)
+
+    def _optimizer_state(self) -> None:
+        """Register the optimizer for catch-ups once its state exists; write a pulled one."""
+        if not self._sharing and self.optimizer is not None:
+            self._share_optimizer()
+        state = self.node.take_optimizer_state()
+        if state is not None and self.optimizer is not None:
+            try:
+                self.optimizer = self.adapter.optimizer_from_flat(self.optimizer, self.state, state)
+            except DpwaError as exc:  # checked before anything is written: ours is intact
+                _log.warning(
+                    "%s: kept its own optimizer state: the peer's was refused: %s",
+                    self.node.name,
+                    exc,
+                )
+
+    def _share_optimizer(self) -> None:
+        """Give the node the optimizer's layout, after the optimizer's first step."""
+        try:
+            layout = self.adapter.optimizer_layout(self.optimizer, self.state)
+        except DpwaError as exc:
+            self._share_tries += 1
+            # A PyTorch or Keras optimizer builds its state at its first step: try again at
+            # the next few; an adapter that carries no optimizer state says so at once.
+            carried = type(self.adapter).optimizer_layout is not Adapter.optimizer_layout
+            if self._share_tries >= _SHARE_TRIES or not carried:
+                self._sharing = True
+                _log.info("%s: optimizer state is not carried: %s", self.node.name, exc)
+            return
+        self._sharing = True
+        if layout.size:
+            self.node.share_optimizer_state(layout, self._fill_optimizer)
 
     def callback(self, **options: Any) -> object:
         """Return the framework's training callback that gossips around every batch.
