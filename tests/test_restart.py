@@ -70,9 +70,7 @@ def test_a_restarted_node_catches_up_and_drags_no_one_back(tmp_path: Path) -> No
     procs = {name: start(name) for name in NAMES}
     try:
         wait_for(
-            lambda: all(
-                (rows := evaluations(tmp_path, n)) and rows[-1][1] >= 300 for n in NAMES
-            ),
+            lambda: all((rows := evaluations(tmp_path, n)) and rows[-1][1] >= 300 for n in NAMES),
             procs,
             180,
         )
