@@ -18,6 +18,7 @@ from dpwa_core.config import Config, NodeSpec, load_config
 from dpwa_core.connect import Gossip, connect
 from dpwa_core.errors import (
     AdapterError,
+    CheckpointError,
     ConfigError,
     DpwaError,
     InterpolationError,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "AdapterError",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "DpwaError",

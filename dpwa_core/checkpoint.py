@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from dpwa_core._log import get_logger
-from dpwa_core.errors import DpwaError
+from dpwa_core.errors import CheckpointError, DpwaError
 from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.optimizer_state import OptimizerLayout
 
@@ -62,13 +62,6 @@ _REQUIRED = (
 _OPTIMIZER = ("optimizer_kind", "optimizer_size", "optimizer_shape_hash", "optimizer_layout")
 
 _log = get_logger("checkpoint")
-
-
-class CheckpointError(DpwaError):
-    """A checkpoint could not be written, or a file is not a checkpoint this node can resume from.
-
-    The message names the file and what was wrong; a failed :func:`load` changed nothing.
-    """
 
 
 @dataclass(frozen=True)

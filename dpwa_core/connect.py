@@ -164,7 +164,7 @@ class Gossip(Generic[State]):
 
         return checkpoint.save(self, path)
 
-    def load(self, path: str | os.PathLike[str]) -> Any:
+    def load(self, path: str | os.PathLike[str], *, name_check: bool = True) -> Any:
         """Resume from a checkpoint written by :meth:`save`; every field is checked first.
 
         See :func:`dpwa_core.checkpoint.load`. A node that is behind its live peers still
@@ -172,6 +172,7 @@ class Gossip(Generic[State]):
 
         Args:
             path: the checkpoint file.
+            name_check: refuse a checkpoint that another node saved (False allows it).
 
         Returns:
             A :class:`dpwa_core.checkpoint.Checkpoint` describing what was loaded.
@@ -182,7 +183,7 @@ class Gossip(Generic[State]):
         """
         from dpwa_core import checkpoint
 
-        return checkpoint.load(self, path)
+        return checkpoint.load(self, path, name_check=name_check)
 
     def _fill(self, out: np.ndarray) -> None:
         self.adapter.to_flat(self.state, out=out)

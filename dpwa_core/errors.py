@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AdapterError",
     "AuthError",
+    "CheckpointError",
     "ConfigError",
     "DpwaError",
     "InterpolationError",
@@ -43,3 +44,11 @@ class ProtocolError(DpwaError):
 
 class AuthError(ProtocolError):
     """A peer failed the shared-secret handshake, or only one side has ``auth`` configured."""
+
+
+class CheckpointError(DpwaError):
+    """A checkpoint could not be written, or a file is not a checkpoint this node can resume from.
+
+    The message names the file and what was wrong; a failed load changed nothing
+    (:mod:`dpwa_core.checkpoint`).
+    """
