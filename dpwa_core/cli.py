@@ -5,6 +5,7 @@ Example:
     $ dpwa check cluster.yaml --name w1
     $ dpwa config init --nodes 4 -o cluster.yaml
     $ dpwa launch cluster.yaml -- python train.py
+    $ dpwa status cluster.yaml --watch
     $ dpwa --version
 
 To add a subcommand, write ``_add_NAME(subparsers)`` that adds a parser and sets its
@@ -221,13 +222,75 @@ def _add_launch(subparsers: _Subparsers) -> None:
     parser.set_defaults(handler=launch.launch_command)
 
 
-_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
-    _add_plugins,
-    _add_check,
-    _add_demo,
-    _add_config,
-    _add_launch,
-)
+def _add_status(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="show every node of a running cluster: up or down, clock, pulls, bytes, peers",
+        description=(
+            "Ask every node of CONFIG for its status (a small STATUS request on its dpwa "
+            "port, through the config's tls and auth) and show one row per node."
+        ),
+    )
+    parser.add_argument("config", metavar="CONFIG", help="path to the YAML config file")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per line")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl+C",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=2.0, metavar="SECONDS", help="per node (default 2)"
+    )
+    parser.add_argument(
+        "--as",
+        dest="as_name",
+        metavar="NODE",
+        help="the member name to prove with auth (default: the first other node)",
+    )
+    parser.set_defaults(handler=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from dpwa_core import status
+
+    config = load_config(args.config)
+    if args.as_name is not None:
+        config.node(args.as_name)  # a ConfigError names the known nodes
+    if args.watch is not None and not args.watch > 0:
+        raise DpwaError(f"--watch needs a positive number of seconds, got {args.watch}")
+
+    def ask() -> list[status.NodeStatus]:
+        return status.query_all(config, timeout=args.timeout, as_name=args.as_name)
+
+    if args.json:
+        while True:
+            statuses = ask()
+            print(json.dumps({"time": time.time(), "nodes": [s.as_dict() for s in statuses]}))
+            sys.stdout.flush()
+            if args.watch is None:
+                return 0 if all(s.up for s in statuses) else 1
+            time.sleep(args.watch)
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    if args.watch is None:
+        statuses = ask()
+        console.print(status.table(statuses))
+        return 0 if all(s.up for s in statuses) else 1
+    try:
+        with Live(status.table(ask()), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(args.watch)
+                live.update(status.table(ask()), refresh=True)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _robust_summary(config: Config) -> str:
@@ -239,6 +302,16 @@ def _robust_summary(config: Config) -> str:
         else "no clipping"
     )
     return f"{clip}; peer clocks within {robust.max_clock_lead:g}x ours"
+
+
+_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
+    _add_plugins,
+    _add_check,
+    _add_demo,
+    _add_config,
+    _add_launch,
+    _add_status,
+)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,7 @@ class Node:
         self._state_tries = 0
         self._state_landed = False  # a state pull's answer waits in the puller's state_buffer
         self._state_taken_from: str | None = None
+        self._last_peer: str | None = None  # the peer of the last blended pull
         self._lock = threading.Lock()
         self._closed = False
         self._warned_loss = False
@@ -211,6 +212,8 @@ class Node:
             tls=server_context(tls, self.config.source) if tls else None,
             wire_dtype=self.config.wire_dtype,
         )
+        self._server.set_status(self._status)
+        self._started_at = time.monotonic()
         if layout is not None:
             try:
                 self._start(layout)
@@ -554,6 +557,7 @@ class Node:
                 self._swarm.forget(ticket.peer)  # down, or hostile: no longer counted
             return None
         self._count(Outcome.OK)
+        self._last_peer = ticket.peer
         peer_clock = self._bounded_clock(ticket.peer, ticket.peer_clock)
         self._swarm.observe(ticket.peer, peer_clock, time.monotonic())
         factor = self._strategy(self.clock, peer_clock, self.loss, ticket.peer_loss)
@@ -923,6 +927,35 @@ class Node:
         stats["swarm_samples_per_s"] = progress.samples_per_s
         stats["swarm_nodes"] = progress.nodes
         return stats
+
+    def _status(self) -> dict[str, Any]:
+        """What a STATUS request gets (``dpwa status``): counters and names, no parameters."""
+        stats = self.stats()
+        keys = (
+            "clock",
+            "steps",
+            "samples",
+            "pulls_ok",
+            "pulls_failed",
+            "pulls_timed_out",
+            "pulls_shm",
+            "pulls_served",
+            "served_shm",
+            "bytes_in",
+            "bytes_out",
+            "joined_from",
+            "swarm_samples",
+            "swarm_nodes",
+        )
+        status: dict[str, Any] = {key: stats[key] for key in keys}
+        status["name"] = self.name
+        status["loss"] = self.loss if math.isfinite(self.loss) else None
+        status["last_peer"] = self._last_peer
+        status["transport"] = self.config.transport
+        status["wire_dtype"] = self.config.wire_dtype
+        status["uptime_s"] = time.monotonic() - self._started_at
+        status["scores"] = stats["scores"]
+        return status
 
     def close(self) -> None:
         """Stop both threads, close every socket and free the port (within a second)."""

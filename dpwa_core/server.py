@@ -24,12 +24,14 @@ idle, slow nor stalled connections, from one address or many, can lock valid pee
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -164,6 +166,7 @@ class Server:
         self._tls = tls
         self._source: tuple[Layout, SnapshotBuffer] | None = None
         self._state: StateShare | None = None
+        self._status: Callable[[], dict[str, Any]] | None = None
         self.served_state = 0
         """Optimizer states sent to joining peers."""
         self._closed = threading.Event()
@@ -209,6 +212,10 @@ class Server:
     def set_source(self, layout: Layout, snapshots: SnapshotBuffer) -> None:
         """Start answering pulls from ``snapshots``, whose parameters follow ``layout``."""
         self._source = (layout, snapshots)
+
+    def set_status(self, status: Callable[[], dict[str, Any]]) -> None:
+        """Answer STATUS requests (``dpwa status``) with ``status()`` as JSON."""
+        self._status = status
 
     def set_state(self, share: StateShare | None) -> None:
         """Answer STATE pulls (a joiner's catch-up) from ``share``; None answers NOT_READY."""
@@ -461,6 +468,10 @@ class Server:
         return min(self.timeout, REQUEST_DEADLINE)
 
     def _handle(self, conn: _Connection, request: Header) -> None:
+        if request.type is MessageType.STATUS:
+            conn.enter(_ANSWERING)
+            self._answer_status(conn)
+            return
         if request.type is not MessageType.PULL:
             raise ProtocolError(f"expected a PULL request, got {request.type.name}")
         conn.enter(_ANSWERING)
@@ -581,6 +592,16 @@ class Server:
             MessageType.LAYOUT_MISMATCH, size=size, shape_hash=shape_hash, length=len(payload)
         )
         self._send(connection, time.monotonic() + self.timeout, reply + payload)
+
+    def _answer_status(self, connection: _Connection) -> None:
+        """Answer a STATUS request: counters and names as JSON, never parameters."""
+        status = self._status() if self._status is not None else {"name": self.name}
+        text = json.dumps(status, separators=(",", ":"), allow_nan=False).encode()
+        if len(text) > MAX_TEXT_PAYLOAD:  # many peers: their details go first
+            status = {k: v for k, v in status.items() if not isinstance(v, dict)}
+            text = json.dumps(status, separators=(",", ":"), allow_nan=False).encode()
+        reply = encode_header(MessageType.STATUS_REPLY, length=len(text))
+        self._send(connection, time.monotonic() + self.timeout, reply + text)
 
     def _answer_state(self, connection: _Connection, request: Header) -> bool:
         """Answer a STATE pull with our optimizer state (float32); False to close."""

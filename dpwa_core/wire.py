@@ -44,13 +44,13 @@ __all__ = [
 
 MAGIC = b"DPWA"
 VERSION = 4
-"""Version 4 adds the STATE flag (optimizer state at catch-up); version 3 the int8 dtype, the
-IF_IDLE flag and BUSY; version 2 tags every message after an ``auth`` handshake. Other versions
-are refused."""
+"""Version 4 adds the STATE flag (optimizer state at catch-up) and STATUS; version 3 the int8
+dtype, the IF_IDLE flag and BUSY; version 2 tags every message after an ``auth`` handshake.
+Other versions are refused."""
 HEADER = struct.Struct("<4sBBHBBHddQQQ")
 """magic, version, type, flags, dtype, reserved8, reserved16, clock, loss, size, hash, length."""
 MAX_TEXT_PAYLOAD = 64 * 1024
-"""Largest layout description a LAYOUT_MISMATCH message may carry."""
+"""Largest text a LAYOUT_MISMATCH or STATUS_REPLY message may carry."""
 FLAG_SHM = 0x0001
 """PULL flag: the client can read the answer from shared memory (see :mod:`dpwa_core.shm`)."""
 FLAG_IF_IDLE = 0x0002
@@ -90,6 +90,11 @@ class MessageType(enum.IntEnum):
     BUSY = 10
     """Server is sending parameters over TCP to another peer: ask someone else. Only sent to a
     PULL flagged :data:`FLAG_IF_IDLE`. No payload."""
+    STATUS = 11
+    """Client asks for the server's status (``dpwa status``); no payload, never parameters."""
+    STATUS_REPLY = 12
+    """Server's status: a UTF-8 JSON object of at most :data:`MAX_TEXT_PAYLOAD` bytes
+    (:mod:`dpwa_core.status` lists and checks its fields)."""
 
 
 class VersionError(ProtocolError):
@@ -105,6 +110,7 @@ _EMPTY = frozenset(
         MessageType.TLS_REQUIRED,
         MessageType.UNSUPPORTED_VERSION,
         MessageType.BUSY,
+        MessageType.STATUS,
     }
 )
 
@@ -236,6 +242,8 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"{message_type.name} carries no payload, header says {length} bytes")
     if message_type is MessageType.LAYOUT_MISMATCH and length > MAX_TEXT_PAYLOAD:
         raise ProtocolError(f"layout description of {length} bytes exceeds {MAX_TEXT_PAYLOAD}")
+    if message_type is MessageType.STATUS_REPLY and length > MAX_TEXT_PAYLOAD:
+        raise ProtocolError(f"status of {length} bytes exceeds {MAX_TEXT_PAYLOAD}")
     if message_type is MessageType.PARAMS and length != element.payload_bytes(size):
         raise ProtocolError(
             f"payload of {length} bytes does not hold {size} {element.name.lower()} elements"

@@ -79,7 +79,7 @@ def test_round_trip() -> None:
         (dict(magic=b"HTTP"), "bad magic"),
         (dict(version=1), "protocol version 1"),
         (dict(type=0), "unknown message type 0"),
-        (dict(type=11), "unknown message type 11"),
+        (dict(type=13), "unknown message type 13"),
         (dict(flags=1), "unknown flags"),
         (dict(flags=8, type=1, length=0), "unknown flags 0x0008"),
         (dict(dtype=5), "unknown payload dtype"),
