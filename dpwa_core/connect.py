@@ -18,6 +18,7 @@ from dpwa_core.adapters import Adapter, detect_adapter, get_adapter
 from dpwa_core.config import Config
 from dpwa_core.errors import DpwaError
 from dpwa_core.node import Node, PullResult
+from dpwa_core.optimizer_state import OptimizerLayout, sign_violation
 
 __all__ = ["Gossip", "connect"]
 
@@ -58,6 +59,7 @@ class Gossip(Generic[State]):
         """The last successful pull (peer, factor, clocks), or None."""
         self._sharing = False  # whether the optimizer's layout was given to the node (or
         self._share_tries = 0  # ... given up on), and how many steps looked for it
+        self._layout: OptimizerLayout | None = None
 
     def step(
         self,
@@ -196,8 +198,12 @@ class Gossip(Generic[State]):
         if not self._sharing and self.optimizer is not None:
             self._share_optimizer()
         state = self.node.take_optimizer_state()
-        if state is not None and self.optimizer is not None:
+        if state is not None and self.optimizer is not None and self._layout is not None:
             try:
+                own = self.adapter.optimizer_to_flat(self.optimizer, self.state)
+                wrong = sign_violation(state, own, self._layout)
+                if wrong is not None:
+                    raise DpwaError(wrong)
                 self.optimizer = self.adapter.optimizer_from_flat(self.optimizer, self.state, state)
             except DpwaError as exc:  # checked before anything is written: ours is intact
                 _log.warning(
@@ -221,6 +227,7 @@ class Gossip(Generic[State]):
             return
         self._sharing = True
         if layout.size:
+            self._layout = layout
             self.node.share_optimizer_state(layout, self._fill_optimizer)
 
     def callback(self, **options: Any) -> object:

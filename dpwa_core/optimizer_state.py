@@ -28,6 +28,7 @@ import numpy.typing as npt
 from dpwa_core.errors import AdapterError
 
 __all__ = [
+    "sign_violation",
     "MAX_EXACT_INTEGER",
     "OptT",
     "OptimizerLayout",
@@ -253,3 +254,34 @@ def check_integers(values: np.ndarray, dtype: object, where: str) -> None:
             f"optimizer state {where!r} ({kind}) holds values float32 cannot carry exactly "
             f"(whole numbers in [{low}, {high}] only, got {wide.min():g}..{wide.max():g})"
         )
+
+
+def sign_violation(received: np.ndarray, own: np.ndarray, layout: OptimizerLayout) -> str | None:
+    """The first tensor of a peer's optimizer state whose sign ours rules out, or None.
+
+    A tensor that is ``>= 0`` everywhere in our own state (second moments such as Adam's
+    ``exp_avg_sq``, counters) must be ``>= 0`` in the peer's, and one that is ``> 0``
+    everywhere (a step count) must be ``> 0``: a negative second moment makes Adam's
+    ``sqrt`` NaN, and a step of 0 divides its bias correction by zero, so one hostile
+    sponsor could otherwise make the model non-finite at the next step.
+
+    Args:
+        received: the peer's state, in ``layout``.
+        own: this node's state, in the same layout.
+        layout: the optimizer layout both follow.
+
+    Returns:
+        ``"<name>: ..."`` naming the tensor and the rule, or None when every tensor passes.
+    """
+    offset = 0
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        count = math.prod(shape)
+        if count:
+            mine, theirs = own[offset : offset + count], received[offset : offset + count]
+            low, their_low = float(mine.min()), float(theirs.min())
+            if low > 0 and their_low <= 0:
+                return f"{name}: ours is > 0 everywhere, the peer's has {their_low:g}"
+            if low >= 0 and their_low < 0:
+                return f"{name}: ours is >= 0 everywhere, the peer's has {their_low:g}"
+        offset += count
+    return None

@@ -352,3 +352,28 @@ def test_the_sponsor_fills_its_state_on_its_training_thread_and_the_joiner_gets_
         assert joiner.take_optimizer_state() is None  # handed out once
         assert joiner.stats()["optimizer_state_from"] == "w1"
         assert sponsor.stats()["served_state"] == 1
+
+
+def test_a_sponsor_whose_adam_state_would_make_us_non_finite_is_refused(
+    make_cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A negative second moment (Adam's sqrt of it is NaN) is refused; ours is kept."""
+    torch = pytest.importorskip("torch")
+    config = make_cluster(2, start="shared")
+    m1, o1, train1 = torch_case("adam", 0)
+    m2, o2, train2 = torch_case("adam", 1)
+    with dpwa_core.connect(m1, config, "w1", optimizer=o1) as g1:
+        train1()
+        with torch.no_grad():
+            o1.state[next(m1.parameters())]["exp_avg_sq"].fill_(-1.0)
+        assert g1.node.join() is None
+        with dpwa_core.connect(m2, config, "w2", optimizer=o2) as g2:
+            train2()
+            before = torch_state(o2)
+            with caplog.at_level(logging.INFO, logger="dpwa"):
+                step_until([g1, g2], lambda: "kept its own optimizer state" in caplog.text)
+            assert "exp_avg_sq: ours is >= 0 everywhere" in caplog.text
+            for a, b in zip(torch_state(o2), before, strict=True):
+                np.testing.assert_array_equal(a, b)
+            train2()
+            assert all(np.isfinite(p.detach().numpy()).all() for p in m2.parameters())
