@@ -14,7 +14,8 @@ from conftest import cluster
 torch = pytest.importorskip("torch")
 L = pytest.importorskip("lightning")
 
-from dpwa_torch.lightning import DpwaCallback, _batch_size  # noqa: E402
+from dpwa_torch.lightning import DpwaCallback  # noqa: E402
+from dpwa_torch.optimizer import _batch_size  # noqa: E402
 
 from dpwa_core.errors import ConfigError  # noqa: E402
 

@@ -25,12 +25,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
 from dpwa_core.config import Config
 from dpwa_core.connect import Gossip, connect
 from dpwa_core.errors import ConfigError
-from dpwa_torch.optimizer import _as_loss, _unwrap_optimizer
+from dpwa_torch.optimizer import _as_loss, _batch_size, _unwrap_optimizer
 
 __all__ = ["DpwaCallback"]
 
@@ -154,16 +153,3 @@ class DpwaCallback(pl.Callback):  # type: ignore[misc]
             self.stats = self.gossip.node.stats()
             self.gossip.close()
             self.gossip = None
-
-
-def _batch_size(batch: Any) -> int:
-    """The length of the batch's first tensor; 1 when it holds none."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            if isinstance(item, (torch.Tensor, Mapping, list, tuple)):
-                return _batch_size(item)
-    return 1

@@ -225,3 +225,16 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
         if isinstance(current, torch.optim.Optimizer):
             found = current
     return found
+
+
+def _batch_size(batch: Any) -> int:
+    """The length of the batch's first tensor; 1 when it holds none."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            if isinstance(item, (torch.Tensor, Mapping, list, tuple)):
+                return _batch_size(item)
+    return 1
