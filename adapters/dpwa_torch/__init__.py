@@ -11,6 +11,11 @@ PyTorch node can average with a Keras or JAX node of the same architecture (see
 :mod:`dpwa_torch._plan`). Tensors of any floating dtype and on any device are converted to
 float32 on the CPU on the way out and back to their own dtype and device on the way in.
 
+Training-loop integrations: :class:`GossipOptimizer` (:mod:`dpwa_torch.optimizer`, an optimizer
+whose ``step()`` also gossips; docs/OPTIMIZER.md), and, imported only when used,
+``dpwa_torch.lightning.DpwaCallback`` (docs/LIGHTNING.md) and
+``dpwa_torch.transformers.DpwaTrainerCallback`` (docs/TRANSFORMERS.md).
+
 Zero-copy: :func:`flatten_` (which ``dpwa_core.connect`` applies to CPU models, through
 :meth:`TorchAdapter.prepare`) makes the float32 parameters and buffers strided views into one
 flat float32 tensor in the canonical layout; ``to_flat`` and ``from_flat`` are then one memcpy
@@ -53,7 +58,7 @@ from dpwa_torch._blend import lerp_
 from dpwa_torch._flat import active, flat_buffer, flatten_, why_not
 from dpwa_torch._plan import is_tensor_dict, plan_for
 
-__all__ = ["TorchAdapter", "flat_buffer", "flatten_"]
+__all__ = ["GossipOptimizer", "TorchAdapter", "flat_buffer", "flatten_"]
 
 _log = logging.getLogger("dpwa.torch")
 
@@ -322,3 +327,7 @@ def _as_tensor(flat: FlatArray) -> torch.Tensor:
         return from_dlpack(flat)
     except (BufferError, TypeError, RuntimeError, AttributeError):
         return torch.from_numpy(flat.copy())
+
+
+# Last: the wrapper builds on dpwa_core.connect, which reaches this adapter by name at run time.
+from dpwa_torch.optimizer import GossipOptimizer  # noqa: E402
