@@ -16,6 +16,8 @@ hivemind's ProgressTracker gives a global epoch::
 
 A peer only counts while it has answered within the last ``window`` seconds (60 s by default, or
 10 x ``timeout_ms`` when that is longer); between answers its clock is extrapolated at its rate.
+The estimate never goes back: when a node leaves (or a blend lowers a clock), what the swarm
+trained stays trained, and a schedule driven by it stays monotone.
 Claimed clocks are bounded by ``robust.max_clock_lead`` before they get here, so one liar moves
 the estimate by at most ``lead`` times an honest node's share.
 """
@@ -86,6 +88,7 @@ class SwarmTracker:
         self.window = window
         self._peers: dict[str, _Seen] = {}
         self._own: _Seen | None = None
+        self._most = 0.0  # the largest estimate given out: the estimate never goes back
         self._lock = threading.Lock()
 
     def observe(self, peer: str, clock: float, now: float) -> None:
@@ -118,6 +121,7 @@ class SwarmTracker:
                 samples += seen.clock + peer_rate * max(age, 0.0)
                 rate += peer_rate
                 nodes += 1
+            self._most = samples = max(samples, self._most)
         return SwarmProgress(samples, rate, nodes)
 
 

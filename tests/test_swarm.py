@@ -34,14 +34,18 @@ def test_a_peer_not_heard_within_the_window_or_forgotten_no_longer_counts() -> N
     tracker.observe("w3", 10.0, now=4.0)
     assert tracker.progress(clock=1.0, now=6.0).nodes == 2  # w2 was last heard 6 s ago
     tracker.forget("w3")
-    assert tracker.progress(clock=1.0, now=6.0) == SwarmProgress(1.0, 0.0, 1)
+    # w3 no longer counts, but what the swarm trained stays trained: the estimate never falls.
+    assert tracker.progress(clock=1.0, now=6.0) == SwarmProgress(11.0, 0.0, 1)
+    assert tracker.progress(clock=12.0, now=7.0).samples == 12.0
 
 
 def test_rates_ignore_a_clock_that_a_blend_lowered_and_answers_too_close_together() -> None:
     tracker = SwarmTracker(window=60.0)
     tracker.observe("w2", 100.0, now=0.0)
+    assert tracker.progress(clock=0.0, now=0.0).samples == 100.0
     tracker.observe("w2", 90.0, now=1.0)  # blended toward a slower peer: no negative rate
     assert tracker.progress(clock=0.0, now=1.0).samples_per_s == 0.0
+    assert tracker.progress(clock=0.0, now=1.0).samples == 100.0  # nor a falling estimate
     tracker.observe("w2", 190.0, now=2.0)  # +100 in 1 s, averaged with the 0 before
     rate = tracker.progress(clock=0.0, now=2.0).samples_per_s
     assert rate == pytest.approx(0.3 * 100.0)
