@@ -14,10 +14,11 @@ hivemind's ProgressTracker gives a global epoch::
     for group in optimizer.param_groups:
         group["lr"] = schedule(progress.epoch(samples_per_epoch))
 
-A peer only counts while it has answered within the last ``window`` seconds (60 s by default, or
-10 x ``timeout_ms`` when that is longer); between answers its clock is extrapolated at its rate.
-The estimate never goes back: when a node leaves (or a blend lowers a clock), what the swarm
-trained stays trained, and a schedule driven by it stays monotone.
+Between answers a peer's clock is extrapolated at its rate. A peer that has not answered within
+the last ``window`` seconds (60 s by default, or 10 x ``timeout_ms`` when that is longer), or
+whose pull failed, no longer counts as a node nor adds to the rate, but what it trained stays
+trained: its last clock stays in the sum. The estimate never goes back (a blend can lower a
+clock), so a schedule driven by it is monotone.
 Claimed clocks are bounded by ``robust.max_clock_lead`` before they get here, so one liar moves
 the estimate by at most ``lead`` times an honest node's share.
 """
@@ -73,6 +74,7 @@ class _Seen:
     since_clock: float  # where the current rate measurement began
     since: float
     rate: float | None = None
+    gone: bool = False  # its pull failed: its last clock counts, it does not train on
 
 
 class SwarmTracker:
@@ -104,9 +106,11 @@ class SwarmTracker:
             self._own = _update(self._own, clock, now)
 
     def forget(self, peer: str) -> None:
-        """Stop counting ``peer`` (it left the cluster)."""
+        """``peer`` is gone (its pull failed, or it left): keep its last clock, not its rate."""
         with self._lock:
-            self._peers.pop(peer, None)
+            seen = self._peers.get(peer)
+            if seen is not None:
+                seen.gone = True
 
     def progress(self, clock: float, now: float) -> SwarmProgress:
         """The estimate at time ``now``, with this node's current ``clock``."""
@@ -115,7 +119,8 @@ class SwarmTracker:
             samples, rate, nodes = clock, own_rate, 1
             for seen in self._peers.values():
                 age = now - seen.at
-                if age > self.window:
+                if seen.gone or age > self.window:
+                    samples += seen.clock  # trained, and training no more (that we know of)
                     continue
                 peer_rate = own_rate if seen.rate is None else seen.rate
                 samples += seen.clock + peer_rate * max(age, 0.0)

@@ -28,15 +28,17 @@ def test_the_estimate_sums_the_clocks_and_rates_of_the_nodes_heard_from() -> Non
     assert later.as_dict() == {"samples": later.samples, "samples_per_s": 400.0, "nodes": 3}
 
 
-def test_a_peer_not_heard_within_the_window_or_forgotten_no_longer_counts() -> None:
+def test_a_peer_not_heard_within_the_window_or_gone_keeps_its_samples_but_not_its_node() -> None:
     tracker = SwarmTracker(window=5.0)
     tracker.observe("w2", 10.0, now=0.0)
     tracker.observe("w3", 10.0, now=4.0)
-    assert tracker.progress(clock=1.0, now=6.0).nodes == 2  # w2 was last heard 6 s ago
-    tracker.forget("w3")
-    # w3 no longer counts, but what the swarm trained stays trained: the estimate never falls.
-    assert tracker.progress(clock=1.0, now=6.0) == SwarmProgress(11.0, 0.0, 1)
-    assert tracker.progress(clock=12.0, now=7.0).samples == 12.0
+    # w2 was last heard 6 s ago: it counts its last clock, but as no node and with no rate.
+    assert tracker.progress(clock=1.0, now=6.0) == SwarmProgress(21.0, 0.0, 2)
+    tracker.forget("w3")  # its pull failed
+    assert tracker.progress(clock=1.0, now=6.0) == SwarmProgress(21.0, 0.0, 1)
+    assert tracker.progress(clock=12.0, now=7.0).samples == 32.0  # our own training goes on
+    tracker.observe("w3", 20.0, now=8.0)  # back again: a node again
+    assert tracker.progress(clock=12.0, now=8.0) == SwarmProgress(42.0, 2.5, 2)  # +10 in 4 s
 
 
 def test_rates_ignore_a_clock_that_a_blend_lowered_and_answers_too_close_together() -> None:
