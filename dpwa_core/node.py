@@ -559,7 +559,6 @@ class Node:
         self._count(Outcome.OK)
         self._last_peer = ticket.peer
         peer_clock = self._bounded_clock(ticket.peer, ticket.peer_clock)
-        self._swarm.observe(ticket.peer, peer_clock, time.monotonic())
         factor = self._strategy(self.clock, peer_clock, self.loss, ticket.peer_loss)
         threshold = self.config.divergence_threshold
         if threshold > 0 and self.loss < threshold:
@@ -607,7 +606,6 @@ class Node:
         if ticket.outcome is Outcome.OK:
             self._joined_from = ticket.peer
             self.clock = ticket.peer_clock
-            self._swarm.observe(ticket.peer, ticket.peer_clock, now)
             if self._state_share is not None:
                 self._state_from, self._state_tries = ticket.peer, 0
                 self._server.set_state(self._state_share)
@@ -640,6 +638,12 @@ class Node:
         self._joined_from = self.name
         self._server.set_state(self._state_share)
         _log.info("%s starts the cluster's model from its own weights: %s", self.name, why)
+
+    def _peer_samples(self, peer: str, samples: int) -> None:
+        """A peer's own sample count (puller thread), bounded like its clock, for swarm()."""
+        lead = self._robust.max_clock_lead
+        bound = lead * max(self.clock, self._samples, 1.0)
+        self._swarm.observe(peer, min(float(samples), bound), time.monotonic())
 
     def _serve_state(self, share: StateShare) -> None:
         """Fill the optimizer state for a joiner that asked; a failing fill is logged once."""
@@ -845,12 +849,12 @@ class Node:
         """The cluster's training progress as this node sees it (:mod:`dpwa_core.swarm`).
 
         Returns:
-            ``samples`` (an estimate of the samples the swarm has trained: the sum of the
-            clocks of this node and of the peers that answered within the last minute, each
+            ``samples`` (an estimate of the samples the swarm has trained: this node's own
+            plus each peer's own count, which the puller asks a peer it pulled from every 2 s,
             moved on at its rate since), ``samples_per_s`` and ``nodes``; ``epoch(n)`` gives the
             swarm's epoch for ``n`` samples per epoch, for schedules and stopping rules.
         """
-        return self._swarm.progress(self.clock, time.monotonic())
+        return self._swarm.progress(self._samples, time.monotonic())
 
     def stats(self) -> dict[str, Any]:
         """Counters of this node's gossip, for progress lines and dashboards.
@@ -999,6 +1003,7 @@ class Node:
             on_received=self._clip if self._robust.clip else None,
             idle=self.config.timeout,
         )
+        self._puller.on_samples = self._peer_samples
         if share is not None:
             self._puller.set_state(share.layout)
         self._server.set_source(layout, self._snapshots)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import hmac
+import json
+import math
 import queue
 import socket
 import ssl
@@ -56,6 +58,8 @@ from dpwa_core.wire_dtype import SCRATCH_BYTES, WireDType, decode_into
 
 __all__ = ["RECEIVE_CHUNK", "Outcome", "Puller", "Ticket", "all_finite"]
 
+SAMPLES_EVERY = 2.0
+"""Seconds between two STATUS requests to one peer for its own sample count."""
 RECEIVE_CHUNK = 1 << 18
 """Float32 elements received, copied and checked at a time (1 MiB: large enough that the
 per-chunk overhead vanishes, small enough that a chunk is still in cache when it is checked)."""
@@ -230,6 +234,10 @@ class Puller:
         self._queue: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
         self._warn = OncePerPeer(_log)
         self._failing: dict[str, int] = {}  # peer -> failed pulls since its last success
+        self.on_samples: Callable[[str, int], object] | None = None
+        """Called on the puller's thread with a peer's name and the samples it trained itself
+        (asked every :data:`SAMPLES_EVERY` seconds after a pull from it), for swarm progress."""
+        self._asked_samples: dict[str, float] = {}  # peer -> when its count was last asked
         self.bytes_in = 0
         self.pulls_busy = 0
         """Peers that answered BUSY (sending to someone else), so another one was asked."""
@@ -304,12 +312,16 @@ class Puller:
                 peer = following
                 continue
             ticket.resolve(outcome, peer.name, **fields)
+            if outcome is Outcome.OK:
+                self._ask_samples(peer)
             return
         if first is None:
             ticket.resolve(Outcome.FAILED)
             return
         outcome, fields = self._try(first, ticket)
         ticket.resolve(outcome, first.name, **fields)
+        if outcome is Outcome.OK:
+            self._ask_samples(first)
 
     def _join(self, ticket: Ticket) -> None:
         """Ask the ticket's peers in turn; the first that has a model answers the round."""
@@ -333,6 +345,47 @@ class Puller:
             if outcome is Outcome.NOT_READY:
                 ticket.alive.add(name)
         ticket.resolve(Outcome.NOT_READY)
+
+    def _ask_samples(self, peer: Peer) -> None:
+        """Every few seconds, ask a peer just pulled for how many samples it trained itself.
+
+        One STATUS request on the kept-alive connection, after the pull was handed out (so
+        the trainer never waits for it); the count goes to ``on_samples`` for the swarm's
+        progress (:mod:`dpwa_core.swarm`). Anything wrong closes the connection, quietly: the
+        next pull opens a new one.
+        """
+        link = self._conns.get(peer.name)
+        now = time.monotonic()
+        if self.on_samples is None or link is None:
+            return
+        if now - self._asked_samples.get(peer.name, -math.inf) < SAMPLES_EVERY:
+            return
+        self._asked_samples[peer.name] = now
+        deadline = now + min(self.idle or 2.0, 2.0)
+        try:
+            self._send(link, encode_header(MessageType.STATUS), Ticket(deadline, 0.0, 0.0))
+            recv_exact(link.sock, self._header, deadline)
+            mac = link.session.receive.begin() if link.session is not None else None
+            if mac is not None:
+                mac.update(self._header)
+            header = decode_header(self._header)
+            if header.type is not MessageType.STATUS_REPLY:
+                raise ProtocolError(f"expected STATUS_REPLY, got {header.type.name}")
+            payload = bytearray(header.length)  # bounded by MAX_TEXT_PAYLOAD in decode_header
+            recv_exact(link.sock, memoryview(payload), deadline, self.idle)
+            if mac is not None:
+                mac.update(payload)
+                tag = bytearray(MAC_SIZE)
+                recv_exact(link.sock, memoryview(tag), deadline, self.idle)
+                MessageMac.verify(mac, tag)
+            answer = json.loads(payload.decode("utf-8"))
+        except (ProtocolError, OSError, ValueError) as exc:
+            self._close(peer.name)
+            _log.debug("%s: no sample count from %s: %s", self.name, peer.name, exc)
+            return
+        samples = answer.get("samples") if isinstance(answer, dict) else None
+        if isinstance(samples, int) and not isinstance(samples, bool) and 0 <= samples < 2**63:
+            self.on_samples(peer.name, samples)
 
     def _pull_state(self, ticket: Ticket) -> None:
         """Pull the optimizer state of the peer ``ticket.join[0]`` into ``state_buffer``.

@@ -31,6 +31,7 @@ __all__ = ["NodeStatus", "query", "query_all", "table"]
 
 _COUNTS = (
     "steps",
+    "samples",
     "pulls_ok",
     "pulls_failed",
     "pulls_timed_out",
@@ -56,7 +57,7 @@ class NodeStatus:
         address: ``host:port`` from the config.
         up: whether it answered.
         error: why it did not (refused, unreachable, a bad answer), else None.
-        fields: the checked fields of its answer: counters (``steps``, ``pulls_ok``,
+        fields: the checked fields of its answer: counters (``steps``, ``samples``, ``pulls_ok``,
             ``pulls_failed``, ``pulls_timed_out``, ``pulls_shm``, ``pulls_served``,
             ``served_shm``, ``bytes_in``, ``bytes_out``, ``swarm_nodes``), numbers (``clock``,
             ``loss``, ``swarm_samples``, ``uptime_s``), names (``joined_from``, ``last_peer``,

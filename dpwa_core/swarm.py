@@ -1,11 +1,11 @@
 """Swarm progress: how many samples the whole cluster has trained, and how fast.
 
-Every answer a node pulls carries the peer's clock. A clock counts samples trained and is blended
-with the peers' clocks on every interpolation, so each node's clock follows the *average* node's
-progress; the sum over the nodes that are up estimates the samples the swarm has trained (a node
-that joins takes its sponsor's clock, so it counts as having trained what its sponsor had). The
-rate is the sum of each node's own rate: this node's from its publish calls, a peer's from its
-clock's growth between two answers.
+Each node counts the samples it trained itself (the ``samples`` given to ``step`` or
+``publish``; not its clock, which blends with its peers' and so is no count). Every 2 s after a
+pull, the puller asks that peer for its own count with a small STATUS request on the same
+connection (docs/PROTOCOL.md). The sum of this node's count and its peers' latest ones, each
+moved on at that peer's rate since it was heard, estimates the samples the swarm has trained;
+the rate is the sum of the nodes' rates (each from its count's growth between two answers).
 
 A learning-rate schedule or a stopping rule can follow the swarm instead of one node, as
 hivemind's ProgressTracker gives a global epoch::
@@ -14,13 +14,12 @@ hivemind's ProgressTracker gives a global epoch::
     for group in optimizer.param_groups:
         group["lr"] = schedule(progress.epoch(samples_per_epoch))
 
-Between answers a peer's clock is extrapolated at its rate. A peer that has not answered within
-the last ``window`` seconds (60 s by default, or 10 x ``timeout_ms`` when that is longer), or
-whose pull failed, no longer counts as a node nor adds to the rate, but what it trained stays
-trained: its last clock stays in the sum. The estimate never goes back (a blend can lower a
-clock), so a schedule driven by it is monotone.
-Claimed clocks are bounded by ``robust.max_clock_lead`` before they get here, so one liar moves
-the estimate by at most ``lead`` times an honest node's share.
+A peer that has not answered within the last ``window`` seconds (60 s by default, or 10 x
+``timeout_ms`` when that is longer), or whose pull failed, no longer counts as a node nor adds
+to the rate, but what it trained stays trained: its last count stays in the sum. The estimate
+never goes back, so a schedule driven by it is monotone. A peer's claimed count is bounded by
+``robust.max_clock_lead`` times this node's clock (or its own count, if larger) before it gets
+here, so one liar moves the estimate by at most ``lead`` times an honest node's share.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ class SwarmProgress:
     """An estimate of the cluster's training progress, as one node sees it.
 
     Attributes:
-        samples: samples trained by the swarm (the sum of the live nodes' clocks).
+        samples: samples trained by the swarm (this node's own count and its peers').
         samples_per_s: the swarm's training rate (the sum of the live nodes' rates).
         nodes: nodes counted: this one and the peers that answered within the window.
     """
@@ -94,14 +93,14 @@ class SwarmTracker:
         self._lock = threading.Lock()
 
     def observe(self, peer: str, clock: float, now: float) -> None:
-        """Record that ``peer`` answered with ``clock`` (already bounded) at time ``now``."""
+        """Record that ``peer`` has trained ``clock`` samples (already bounded) at ``now``."""
         if not math.isfinite(clock):
             return
         with self._lock:
             self._peers[peer] = _update(self._peers.get(peer), clock, now)
 
     def trained(self, clock: float, now: float) -> None:
-        """Record this node's clock after a training step, for its own rate."""
+        """Record this node's own sample count after a training step, for its rate."""
         with self._lock:
             self._own = _update(self._own, clock, now)
 
@@ -113,7 +112,7 @@ class SwarmTracker:
                 seen.gone = True
 
     def progress(self, clock: float, now: float) -> SwarmProgress:
-        """The estimate at time ``now``, with this node's current ``clock``."""
+        """The estimate at time ``now``, with ``clock`` the samples this node trained."""
         with self._lock:
             own_rate = self._own.rate if self._own and self._own.rate is not None else 0.0
             samples, rate, nodes = clock, own_rate, 1
