@@ -1,8 +1,12 @@
-"""dpwa adapter for Keras 3 models on the TensorFlow backend.
+"""dpwa adapter for Keras 3 models, on every Keras backend (TensorFlow, JAX, PyTorch).
 
-Importing this package imports keras (and so tensorflow); ``dpwa_core`` loads it only when asked
-for ``"tensorflow"`` (or its aliases ``"tf"``, ``"keras"``) or when keras or tensorflow is
-already imported and a model is passed to detection.
+Importing this package imports keras, and keras imports the backend that ``KERAS_BACKEND``
+names (TensorFlow by default; ``jax`` or ``torch`` import no TensorFlow at all). ``dpwa_core``
+loads it only when asked for ``"keras"`` (or its aliases ``"tensorflow"``, ``"tf"``) or when
+keras is already imported and a model is passed to detection. Variables are read and written
+through numpy and ``variable.assign`` on every backend (``dpwa_tensorflow._backend``), so the
+buffer is the same whatever the backend: a Keras-on-JAX node averages with a flax node, a
+Keras-on-torch node with a PyTorch node (docs/KERAS.md).
 
 What goes into the buffer: every floating-point variable of ``model.weights``, in that order
 (layers in creation order, each layer's variables in creation order), each variable once.
@@ -46,6 +50,7 @@ from dpwa_core.errors import AdapterError
 from dpwa_core.layout import Layout
 from dpwa_core.optimizer_state import OptimizerLayout, OptT
 from dpwa_tensorflow import _optimizer
+from dpwa_tensorflow._backend import assign, read, sync_jax_state
 from dpwa_tensorflow.callback import GossipCallback
 
 __all__ = ["GossipCallback", "KerasAdapter"]
@@ -54,7 +59,9 @@ __all__ = ["GossipCallback", "KerasAdapter"]
 class KerasAdapter(Adapter):
     """Maps a Keras 3 model (any ``keras.Layer``) to a flat float32 buffer and back, in place.
 
-    Writes go into the model's own variables with ``Variable.assign``; variables of other
+    Works on the TensorFlow, JAX and torch backends alike (on torch, a Keras model is also a
+    ``torch.nn.Module``; detection tries this adapter before the PyTorch one). Writes go into
+    the model's own variables with ``Variable.assign``; variables of other
     floating dtypes (float16, bfloat16, float64) are converted to and from float32.
 
     Example:
@@ -114,7 +121,7 @@ class KerasAdapter(Adapter):
             stop = start + int(np.prod(variable.shape, dtype=np.int64))
             np.copyto(
                 out[start:stop].reshape(variable.shape),
-                _read(variable),
+                read(variable),
                 casting="unsafe",
             )
             start = stop
@@ -138,7 +145,7 @@ class KerasAdapter(Adapter):
         start = 0
         for variable in variables:
             stop = start + int(np.prod(variable.shape, dtype=np.int64))
-            variable.assign(_cast(flat[start:stop].reshape(variable.shape), variable))
+            assign(variable, _cast(flat[start:stop].reshape(variable.shape), variable))
             start = stop
         return state
 
@@ -169,9 +176,9 @@ class KerasAdapter(Adapter):
             # blended in place a block at a time: the scratch is one variable, not the model.
             # lerp_inplace never turns finite values into Inf or NaN; _cast clamps the result
             # into a narrower variable's range.
-            blended = np.array(_read(variable), dtype=np.float32)
+            blended = np.array(read(variable), dtype=np.float32)
             lerp_inplace(blended, peer[start:stop].reshape(variable.shape), weight)
-            variable.assign(_cast(blended, variable, clamp=True))
+            assign(variable, _cast(blended, variable, clamp=True), owned=True)
             start = stop
         return state
 
@@ -254,6 +261,9 @@ def _variables(state: object) -> list[Any]:
             "The keras adapter expects a keras.Model or keras.Layer, got "
             f"{type(state).__module__}.{type(state).__qualname__}"
         )
+    # JAX backend, inside fit: the trainer holds the weights outside the variables until
+    # synced (a no-op elsewhere); it takes back what we write at its next batch.
+    sync_jax_state(state)
     found: list[Any] = []
     seen: set[int] = set()
     for variable in state.weights:
@@ -267,15 +277,6 @@ def _variables(state: object) -> list[Any]:
             "(give it a keras.Input, or call model.build(input_shape) or the model once)"
         )
     return found
-
-
-def _read(variable: Any) -> np.ndarray:
-    """The variable's value as a numpy array, without a copy where the backend allows it."""
-    value = variable.value
-    numpy = getattr(value, "numpy", None)  # tf.Variable: a CPU read shares the tensor's memory
-    if callable(numpy):
-        return np.asarray(numpy())
-    return np.asarray(keras.ops.convert_to_numpy(value))
 
 
 def _is_float(dtype: Any) -> bool:
@@ -293,6 +294,6 @@ def _cast(values: np.ndarray, variable: Any, *, clamp: bool = False) -> np.ndarr
         return values if dtype == "float32" else np.asarray(values).astype(np.float64)
     target = np.dtype(keras.backend.standardize_dtype(dtype))
     if clamp:
-        limit = float(ml_dtypes.finfo(target).max)
+        limit = float(ml_dtypes.finfo(target).max)  # type: ignore[no-untyped-call]
         np.clip(values, -limit, limit, out=values)
     return np.asarray(values).astype(target)

@@ -27,6 +27,7 @@ from dpwa_core.optimizer_state import (
     optimizer_output_flat,
     validate_optimizer_flat,
 )
+from dpwa_tensorflow._backend import assign, read, sync_jax_state
 
 __all__ = ["optimizer_from_flat", "optimizer_layout", "optimizer_to_flat"]
 
@@ -47,7 +48,7 @@ def optimizer_to_flat(optimizer: object, model: object, out: np.ndarray | None =
     for name, variable in entries:
         shape = tuple(variable.shape)
         stop = start + int(np.prod(shape, dtype=np.int64))
-        values = _read(variable)
+        values = read(variable)
         check_integers(values, values.dtype, name)
         np.copyto(out[start:stop].reshape(shape), values, casting="unsafe")
         start = stop
@@ -68,7 +69,7 @@ def optimizer_from_flat(optimizer: Any, model: object, flat: object) -> Any:
         parts.append(checked[start:stop].reshape(shape).astype(dtype))
         start = stop
     for (_, variable), values in zip(entries, parts, strict=True):
-        variable.assign(values)
+        assign(variable, values, owned=True)  # astype made a new array
     return optimizer
 
 
@@ -84,6 +85,7 @@ def _entries(optimizer: object, model: object) -> list[tuple[str, Any]]:
             "the keras adapter needs the model (a keras.Model or keras.Layer) to name the "
             f"optimizer's variables, got {type(model).__module__}.{type(model).__qualname__}"
         )
+    sync_jax_state(model)  # JAX backend, inside fit: the optimizer's variables are detached
     if not optimizer.built:
         raise AdapterError(
             f"the {_kind(optimizer)} optimizer is not built yet; Keras builds it on its first "
@@ -117,10 +119,18 @@ def _entries(optimizer: object, model: object) -> list[tuple[str, Any]]:
 
 
 def _kind(optimizer: object) -> str:
-    """``keras.optimizers.Adam`` for Keras's own optimizers, ``module.Class`` for others."""
+    """``keras.optimizers.Adam`` for Keras's own optimizers, ``module.Class`` for others.
+
+    On the torch backend, ``keras.optimizers.Adam(...)`` makes a backend subclass
+    (``keras.src.backend.torch.optimizers.torch_adam.Adam``) with the same variables: it is
+    named after the public class it specializes, so every backend gives one kind (and one
+    fingerprint) for one optimizer.
+    """
     cls = type(optimizer)
-    if getattr(keras.optimizers, cls.__name__, None) is cls:
-        return f"keras.optimizers.{cls.__name__}"
+    candidates = cls.__mro__ if cls.__module__.startswith("keras.src.backend.") else (cls,)
+    for candidate in candidates:
+        if getattr(keras.optimizers, candidate.__name__, None) is candidate:
+            return f"keras.optimizers.{candidate.__name__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -128,15 +138,6 @@ def _layout(optimizer: object, entries: list[tuple[str, Any]]) -> OptimizerLayou
     return OptimizerLayout(
         _kind(optimizer), (name for name, _ in entries), (tuple(v.shape) for _, v in entries)
     )
-
-
-def _read(variable: Any) -> np.ndarray:
-    """The variable's value as numpy (a tf tensor's own ``numpy()``, else keras's converter)."""
-    value = variable.value
-    numpy = getattr(value, "numpy", None)
-    if callable(numpy):
-        return np.asarray(numpy())
-    return np.asarray(keras.ops.convert_to_numpy(value))
 
 
 def _numpy_dtype(variable: Any) -> np.dtype[Any]:

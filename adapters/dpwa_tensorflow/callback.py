@@ -5,6 +5,11 @@ optimizer step: a pull that landed meanwhile is blended in, the model is copied 
 asked, and the next pull starts, without waiting for the network (with the config's
 ``blocking: true``, it waits for each pull as the seed did).
 
+Every Keras backend: on TensorFlow and torch, ``fit`` trains the model's variables in place. On
+JAX it keeps the weights and the optimizer's variables outside them during an epoch; the adapter
+syncs them back (``model.jax_state_sync()``) whenever gossip reads or writes the model, and
+``fit`` takes what gossip wrote at its next batch, so a blend is never lost.
+
 Which loss is reported: Keras 3 puts the *running mean* of the loss since the start of the
 epoch into ``logs["loss"]``, not the loss of the batch. The callback recovers the batch loss from
 two consecutive running means (``(b + 1) * mean_b - b * mean_(b-1)`` for batch ``b``), which is
