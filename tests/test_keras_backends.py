@@ -51,28 +51,31 @@ def _require(backend: str) -> None:
             pytest.skip(f"Keras on {backend}: {module} is not installed")
 
 
-_checks: dict[str, dict[str, Any]] = {}
+_runs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
 
-def _check(backend: str) -> dict[str, Any]:
-    """keras_backend_check.py's report on ``backend`` (run once per session)."""
+def _run(backend: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """Run ``backend``'s cluster once per session: (w1's check report, every node's result).
+
+    Two Keras nodes (w1 also runs keras_backend_check.check() before it starts), plus a flax
+    node on JAX and a PyTorch node on torch, when those are installed.
+    """
     _require(backend)
-    if backend not in _checks:
-        run = subprocess.run(
-            [sys.executable, str(WORKERS / "keras_backend_check.py"), str(free_ports(1)[0])],
-            env=_env(backend),
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert run.returncode == 0, run.stdout + run.stderr
-        _checks[backend] = json.loads(run.stdout.strip().splitlines()[-1])
-    return _checks[backend]
+    if backend not in _runs:
+        kinds = {"w1": "keras", "w2": "keras"}
+        native = NATIVE[backend]
+        if native is not None and importlib.util.find_spec(native) is not None:
+            kinds["w3"] = native
+        workdir = tmp_path_factory.mktemp(f"keras_{backend}")
+        nodes = _run_cluster(workdir, backend, kinds)
+        check = json.loads((workdir / "w1.check.json").read_text())
+        _runs[backend] = (check, nodes)
+    return _runs[backend]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_adapter_on_backend(backend: str) -> None:
-    report = _check(backend)
+def test_adapter_on_backend(backend: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    report, _ = _run(backend, tmp_path_factory)
     assert report["backend"] == backend
     if backend != "tensorflow":  # importing keras and dpwa_tensorflow, and fit, left TF out
         assert "tensorflow" not in report["imported"], report["imported"]
@@ -85,13 +88,8 @@ def test_adapter_on_backend(backend: str) -> None:
     assert report["bfloat16_roundtrip"], report
     optimizer = report["optimizer"]
     assert optimizer["kind"] == "keras.optimizers.Adam", optimizer
-    assert optimizer["names"] == [
-        "iteration",
-        "0.momentum",
-        "0.velocity",
-        "1.momentum",
-        "1.velocity",
-    ]
+    names = ["iteration", "0.momentum", "0.velocity", "1.momentum", "1.velocity"]
+    assert optimizer["names"] == names
     assert optimizer["counter_before"] == 2.0  # two batches
     assert optimizer["roundtrip"], optimizer  # bit-identical, the counter written as 7
     assert optimizer["counter_after_fit"] == 9.0  # fit went on from the written counter
@@ -99,13 +97,13 @@ def test_adapter_on_backend(backend: str) -> None:
     assert report["mid_fit_counter"] == 103.0  # written as 100 after batch 0, 3 batches since
 
 
-def test_backends_share_the_canonical_layout() -> None:
+def test_backends_share_the_canonical_layout(tmp_path_factory: pytest.TempPathFactory) -> None:
     available = [b for b in BACKENDS if all(importlib.util.find_spec(m) for m in ("keras", b))]
     if "tensorflow" not in available or len(available) < 2:
         pytest.skip(f"needs Keras on TensorFlow and another backend; have {available}")
-    reference = _check("tensorflow")
+    reference, _ = _run("tensorflow", tmp_path_factory)
     for backend in available[1:]:
-        report = _check(backend)
+        report, _ = _run(backend, tmp_path_factory)
         assert report["layout"] == reference["layout"], backend
         assert report["shape_hash"] == reference["shape_hash"], backend
         # One vector, written on each backend, computes the same function: same weights.
@@ -114,26 +112,31 @@ def test_backends_share_the_canonical_layout() -> None:
         assert report["optimizer"]["fingerprint"] == reference["optimizer"]["fingerprint"]
 
 
-def _run_cluster(tmp_path: Path, backend: str, kinds: dict[str, str]) -> dict[str, Any]:
+def _run_cluster(workdir: Path, backend: str, kinds: dict[str, str]) -> dict[str, Any]:
     """Run one node per entry of ``kinds`` (name -> keras/flax/torch) to the end."""
     config = cluster(len(kinds), timeout_ms=3000)
-    config_path = tmp_path / "cluster.yaml"
+    config_path = workdir / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config))
     worker = str(WORKERS / "keras_backend_node.py")
+    check_port = str(free_ports(1)[0])
     procs = {
         name: subprocess.Popen(
-            [sys.executable, worker, str(config_path), str(tmp_path), kind, str(TRAIN_STEPS)],
-            env=_env(backend, DPWA_NODE=name),
+            [sys.executable, worker, str(config_path), str(workdir), kind, str(TRAIN_STEPS)],
+            env=_env(
+                backend,
+                DPWA_NODE=name,
+                **({"KERAS_CHECK_PORT": check_port} if name == "w1" else {}),
+            ),
         )
         for name, kind in kinds.items()
     }
     try:
-        wait_files(tmp_path, [f"{n}.done" for n in kinds], procs, 240)
-        (tmp_path / "settle").touch()
-        wait_files(tmp_path, [f"{n}.settled" for n in kinds], procs)
-        (tmp_path / "stop").touch()
-        wait_files(tmp_path, [f"{n}.json" for n in kinds], procs)
-        (tmp_path / "exit").touch()
+        wait_files(workdir, [f"{n}.done" for n in kinds], procs, 240)
+        (workdir / "settle").touch()
+        wait_files(workdir, [f"{n}.settled" for n in kinds], procs)
+        (workdir / "stop").touch()
+        wait_files(workdir, [f"{n}.json" for n in kinds], procs)
+        (workdir / "exit").touch()
         for name, proc in procs.items():
             assert proc.wait(timeout=60) == 0, f"{name} exited with {proc.returncode}"
     finally:
@@ -142,24 +145,23 @@ def _run_cluster(tmp_path: Path, backend: str, kinds: dict[str, str]) -> dict[st
                 proc.kill()
     return {
         name: {
-            **json.loads((tmp_path / f"{name}.json").read_text()),
-            "init": np.load(tmp_path / f"{name}.init.npy"),
-            "final": np.load(tmp_path / f"{name}.final.npy"),
+            **json.loads((workdir / f"{name}.json").read_text()),
+            "kind": kind,
+            "init": np.load(workdir / f"{name}.init.npy"),
+            "final": np.load(workdir / f"{name}.final.npy"),
         }
-        for name in kinds
+        for name, kind in kinds.items()
     }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fit_gossips_with_keras_and_native_nodes(tmp_path: Path, backend: str) -> None:
-    _require(backend)
+def test_fit_gossips_with_keras_and_native_nodes(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    _, nodes = _run(backend, tmp_path_factory)
     native = NATIVE[backend]
-    kinds = {"w1": "keras", "w2": "keras"}
-    if native is not None:
-        if importlib.util.find_spec(native) is None:
-            pytest.skip(f"the {native} node needs {native}")
-        kinds["w3"] = native
-    nodes = _run_cluster(tmp_path, backend, kinds)
+    if native is not None and "w3" not in nodes:
+        pytest.skip(f"the {native} node needs {native}")
 
     layouts = {name: node["layout"] for name, node in nodes.items()}
     assert all(layout == [[3, 3, 2, 4], [4], [4, 3], [3]] for layout in layouts.values()), layouts
@@ -167,9 +169,9 @@ def test_fit_gossips_with_keras_and_native_nodes(tmp_path: Path, backend: str) -
         summary = {k: v for k, v in node.items() if k not in ("init", "final")}
         assert node["pulls_ok"] > 0, summary
         assert node["rejected"] == 0, f"{name}: a layout was refused: {summary}"
-        others = set(kinds) - {name}
+        others = set(nodes) - {name}
         assert set(node["blended"]) <= others and node["blended"], summary
-        if kinds[name] == "keras":
+        if node["kind"] == "keras":
             assert node["adapter"] == "KerasAdapter", summary  # on torch too
             assert node["backend"] == backend
             # the GossipCallback blended inside model.fit

@@ -1,6 +1,7 @@
 """Check the Keras adapter on the backend that KERAS_BACKEND names; print one JSON line.
 
 Usage: KERAS_BACKEND={tensorflow,jax,torch} python keras_backend_check.py PORT
+(keras_backend_node.py runs :func:`check` too, before its node starts, to save a process.)
 
 Builds one Conv2D + BatchNormalization + Dense model and reports what
 tests/test_keras_backends.py compares across backends: which frameworks keras imported, the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import keras
 import numpy as np
@@ -42,11 +44,12 @@ def _imported() -> list[str]:
     return sorted(m for m in ("tensorflow", "jax", "torch") if m in sys.modules)
 
 
-def main() -> None:
+def check(port: int) -> dict[str, Any]:
+    """The report (see the module docstring); ``port`` is a free one for a 1-node connect()."""
     # Not keras.utils.set_random_seed: it seeds TensorFlow too, importing it on every backend.
     adapter = get_adapter("keras")
     model = build()
-    report: dict[str, object] = {
+    report: dict[str, Any] = {
         "backend": keras.backend.backend(),
         "imported": _imported(),
         "layout": [list(s) for s in adapter.layout(model).shapes],
@@ -131,7 +134,7 @@ def main() -> None:
 
     # connect() picks the Keras adapter by itself (a Keras model on torch is a torch Module).
     config = {
-        "nodes": [{"name": "w1", "host": "127.0.0.1", "port": int(sys.argv[1])}],
+        "nodes": [{"name": "w1", "host": "127.0.0.1", "port": port}],
         "start": "own",
     }
     gossip = dpwa_core.connect(model, config, "w1")
@@ -140,7 +143,11 @@ def main() -> None:
     finally:
         gossip.close()
     report["imported_end"] = _imported()
-    print(json.dumps(report))
+    return report
+
+
+def main() -> None:
+    print(json.dumps(check(int(sys.argv[1]))))
 
 
 if __name__ == "__main__":

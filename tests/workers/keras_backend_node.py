@@ -10,6 +10,9 @@ STEPS batches of 8 with plain SGD on its own data and gossips in its framework's
   flax   params = gossip.step(loss, params, samples=8)   (a flax.linen variables dict)
   torch  gossip.step(loss, samples=8) after optimizer.step()
 
+With KERAS_CHECK_PORT set, a Keras node first runs keras_backend_check.check() (on that port)
+and writes its report to NAME.check.json.
+
 Files in WORKDIR coordinate with the test:
   NAME.init.npy     the node's initial flat parameters, written at start
   NAME.ready        written once the node has published its initial model (a step of 0
@@ -202,6 +205,12 @@ def main() -> None:
     config, workdir, kind, steps = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     name = os.environ["DPWA_NODE"]
     index = int(name.lstrip("w"))
+    check_port = os.environ.get("KERAS_CHECK_PORT")
+    if check_port and kind == "keras":
+        import keras_backend_check  # next to this file
+
+        report = keras_backend_check.check(int(check_port))
+        (workdir / f"{name}.check.json").write_text(json.dumps(report))
     # Conv kernel (3, 3, 2, 4) and bias (4,), Dense kernel (4, 3) and bias (3,): 91 values.
     start = np.random.default_rng(index).standard_normal(91).astype(np.float32)
     node: Any = {"keras": Keras, "flax": Flax, "torch": Torch}[kind](index, config, start)
