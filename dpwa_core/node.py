@@ -850,7 +850,7 @@ class Node:
 
         Returns:
             ``samples`` (an estimate of the samples the swarm has trained: this node's own
-            plus each peer's own count, which the puller asks a peer it pulled from every 2 s,
+            plus each peer's own count, which the puller asks a peer it pulled from every second,
             moved on at its rate since), ``samples_per_s`` and ``nodes``; ``epoch(n)`` gives the
             swarm's epoch for ``n`` samples per epoch, for schedules and stopping rules.
         """

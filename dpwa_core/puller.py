@@ -58,7 +58,7 @@ from dpwa_core.wire_dtype import SCRATCH_BYTES, WireDType, decode_into
 
 __all__ = ["RECEIVE_CHUNK", "Outcome", "Puller", "Ticket", "all_finite"]
 
-SAMPLES_EVERY = 2.0
+SAMPLES_EVERY = 1.0
 """Seconds between two STATUS requests to one peer for its own sample count."""
 RECEIVE_CHUNK = 1 << 18
 """Float32 elements received, copied and checked at a time (1 MiB: large enough that the

@@ -1,11 +1,11 @@
 """Swarm progress: how many samples the whole cluster has trained, and how fast.
 
 Each node counts the samples it trained itself (the ``samples`` given to ``step`` or
-``publish``; not its clock, which blends with its peers' and so is no count). Every 2 s after a
+``publish``; not its clock, which blends with its peers' and so is no count). Every second after a
 pull, the puller asks that peer for its own count with a small STATUS request on the same
 connection (docs/PROTOCOL.md). The sum of this node's count and its peers' latest ones, each
 moved on at that peer's rate since it was heard, estimates the samples the swarm has trained;
-the rate is the sum of the nodes' rates (each from its count's growth between two answers).
+the rate is the sum of the nodes' rates (each its count's growth between its last two answers).
 
 A learning-rate schedule or a stopping rule can follow the swarm instead of one node, as
 hivemind's ProgressTracker gives a global epoch::
@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 
 __all__ = ["SwarmProgress", "SwarmTracker"]
 
-_RATE_MEMORY = 0.3  # weight of the newest rate measurement in each moving average
 _MIN_INTERVAL = 0.2  # seconds between two observations for a rate measurement to count
 
 
@@ -137,5 +136,5 @@ def _update(seen: _Seen | None, clock: float, now: float) -> _Seen:
     if interval < _MIN_INTERVAL:  # too soon to measure a rate: keep where the measurement began
         return _Seen(clock, now, seen.since_clock, seen.since, seen.rate)
     growth = max(clock - seen.since_clock, 0.0) / interval  # a blend can lower a clock
-    rate = growth if seen.rate is None else (1 - _RATE_MEMORY) * seen.rate + _RATE_MEMORY * growth
+    rate = growth  # counts are exact (no blend moves them): the latest growth is the rate
     return _Seen(clock, now, clock, now, rate)

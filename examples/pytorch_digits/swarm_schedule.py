@@ -9,8 +9,8 @@ Start one process per node of the config, as for train.py:
 
 ``gossip.node.swarm()`` estimates the samples the cluster has trained from the clocks its peers
 answer with (docs/CONFIG.md, "Swarm progress"). The learning rate decays on a cosine over the
-swarm's samples, and every node stops once the swarm has trained ``--swarm-samples``: a node
-that trains faster takes more of the work, and none trains the whole budget alone.
+swarm's samples, and every node stops once the swarm has trained ``--swarm-samples``: each
+counts the others' work, so a node that trains faster takes more of it.
 """
 
 from __future__ import annotations
