@@ -363,7 +363,7 @@ class Puller:
         self._asked_samples[peer.name] = now
         deadline = now + min(self.idle or 2.0, 2.0)
         try:
-            self._send(link, encode_header(MessageType.STATUS), Ticket(deadline, 0.0, 0.0))
+            self._send(link, encode_header(MessageType.STATUS), deadline)
             recv_exact(link.sock, self._header, deadline)
             mac = link.session.receive.begin() if link.session is not None else None
             if mac is not None:
@@ -513,7 +513,8 @@ class Puller:
                 break
             # Torn or not mappable here: ask again, over TCP unless shared memory is required.
             offer_shm = self.transport == "shm"
-            self._send(link, self._encode_request(ticket, FLAG_SHM if offer_shm else 0), ticket)
+            request = self._encode_request(ticket, FLAG_SHM if offer_shm else 0)
+            self._send(link, request, ticket.deadline)
             recv_exact(link.sock, self._header, self._soon(ticket.deadline))
             flags = 0  # asked again unconditionally: BUSY is no answer to that
         else:
@@ -574,11 +575,11 @@ class Puller:
         self._check_answer(header, text, layout)
         return header
 
-    def _send(self, link: _Link, message: bytes, ticket: Ticket) -> None:
+    def _send(self, link: _Link, message: bytes, deadline: float) -> None:
         """Send one short message, tagged when the connection has a session."""
         if link.session is not None:
             message += link.session.send.tag(message)
-        send_all(link.sock, message, ticket.deadline)
+        send_all(link.sock, message, deadline)
 
     def _encode_request(self, ticket: Ticket, flags: int) -> bytes:
         layout = self.state if flags & FLAG_STATE and self.state is not None else self.layout
@@ -598,7 +599,7 @@ class Puller:
         for attempt in range(2):
             link, fresh = self._connection(peer, self._soon(ticket.deadline))
             try:
-                self._send(link, request, ticket)
+                self._send(link, request, ticket.deadline)
                 recv_exact(link.sock, self._header, self._soon(ticket.deadline))
                 return link
             except ConnectionError:
