@@ -104,15 +104,24 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
-    """Align columns two spaces apart; the last column is not padded."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = []
+    """Columns two spaces apart (a borderless ``rich`` table); the last column is not padded.
+
+    Never wrapped, whatever the terminal's width, so that scripts can read the lines; cells are
+    text, never rich markup.
+    """
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
+    for _ in rows[0]:
+        grid.add_column(no_wrap=True, overflow="ignore")
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)] + [
-            row[-1]
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+        grid.add_row(*(Text(cell) for cell in row))
+    console = Console(width=100_000, force_terminal=False, no_color=True, highlight=False)
+    with console.capture() as captured:
+        console.print(grid)
+    return "\n".join(line.rstrip() for line in captured.get().splitlines())
 
 
 def _add_check(subparsers: _Subparsers) -> None:

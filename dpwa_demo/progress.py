@@ -1,7 +1,8 @@
 """Live progress of the demo's nodes: one line per node.
 
-On a terminal the lines are redrawn in place; otherwise (a log file, a pipe, CI) a plain block
-of lines is printed every few seconds and once at the end, so logs stay short.
+On a terminal the lines are redrawn in place by ``rich.live.Live`` (which also copes with lines
+longer than the terminal is wide); otherwise (a log file, a pipe, CI) a plain block of lines is
+printed every few seconds and once at the end, so logs stay short.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import math
 import time
 from typing import Any, TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
 
 __all__ = ["Progress"]
 
@@ -25,6 +30,8 @@ class Progress:
         nodes: ``(name, framework)`` of each node, in display order.
         steps: steps per node, to show ``step/steps``.
         live: redraw lines in place; ``None`` decides by ``stream.isatty()``.
+        width: columns of the live view (longer lines end in an ellipsis); ``None`` asks the
+            terminal.
     """
 
     def __init__(
@@ -34,6 +41,7 @@ class Progress:
         nodes: list[tuple[str, str]],
         steps: int,
         live: bool | None = None,
+        width: int | None = None,
     ) -> None:
         self.stream = stream
         self.label = label
@@ -42,7 +50,8 @@ class Progress:
         self._frameworks = dict(nodes)
         self._state: dict[str, dict[str, Any]] = {name: {} for name, _ in nodes}
         self._status: dict[str, str] = {name: "starting" for name, _ in nodes}
-        self._drawn = 0
+        self.width = width
+        self._live: Live | None = None
         self._last_plain = time.monotonic()
 
     def update(self, name: str, event: dict[str, Any]) -> None:
@@ -108,10 +117,18 @@ class Progress:
     def _draw(self, final: bool) -> None:
         lines = [self.line(name) for name in self._state]
         if self.live:
-            if self._drawn:
-                self.stream.write(f"\x1b[{self._drawn}F")  # back to the first line we drew
-            self.stream.write("".join(f"\x1b[2K{line}\n" for line in lines))
-            self._drawn = len(lines)
+            # Text, never markup: a line shows exactly what the nodes sent.
+            view = Group(*(Text(line, no_wrap=True, overflow="ellipsis") for line in lines))
+            if self._live is None:
+                console = Console(
+                    file=self.stream, force_terminal=True, highlight=False, width=self.width
+                )
+                self._live = Live(view, console=console, auto_refresh=False)
+                self._live.start()
+            self._live.update(view, refresh=True)
+            if final:
+                self._live.stop()
+                self._live = None
         else:
             now = time.monotonic()
             training = any("step" in state for state in self._state.values())

@@ -83,6 +83,9 @@ def test_adapter_on_backend(backend: str, tmp_path_factory: pytest.TempPathFacto
     # conv kernel HWIO, conv bias, BatchNorm gamma, beta, moving mean and variance, Dense
     assert report["layout"] == [[3, 3, 2, 4], [4], [4], [4], [4], [4], [4, 3], [3]]
     assert report["detected"] == report["connect_adapter"] == "KerasAdapter"
+    assert report["torch_handles"] in (False, None), "the torch adapter took a Keras model"
+    if backend == "torch":
+        assert report["torch_handles"] is False
     assert report["roundtrip"] and report["to_flat_out"], report
     assert report["interpolate"], "interpolate differs from lerp_inplace"
     assert report["bfloat16_roundtrip"], report

@@ -483,6 +483,16 @@ def test_handles_only_torch_objects(adapter: TorchAdapter) -> None:
     assert not adapter.handles({"a": 1.0})
     assert not adapter.handles(torch.zeros(3))
     assert not adapter.handles([1.0])
+
+
+def test_handles_refuses_modules_that_are_keras_layers(adapter: TorchAdapter) -> None:
+    # On Keras's torch backend every keras.Layer is a torch.nn.Module; the real case runs in
+    # tests/test_keras_backends.py, this one checks the rule on the class hierarchy.
+    keras_layer = type("Layer", (nn.Module,), {"__module__": "keras.src.layers.layer"})
+    subclass = type("MyModel", (keras_layer,), {"__module__": "my_project.models"})
+    assert not adapter.handles(keras_layer())
+    assert not adapter.handles(subclass())
+    assert adapter.handles(type("Net", (nn.Module,), {"__module__": "kerasnet"})())
     with pytest.raises(AdapterError, match="torch.nn.Module"):
         adapter.layout({"a": 1.0})
 

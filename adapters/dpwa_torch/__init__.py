@@ -63,6 +63,11 @@ __all__ = ["GossipOptimizer", "TorchAdapter", "flat_buffer", "flatten_"]
 _log = logging.getLogger("dpwa.torch")
 
 
+def _is_keras(module: torch.nn.Module) -> bool:
+    """Tell whether ``module`` is a Keras layer, without importing Keras."""
+    return any(kind.__module__.partition(".")[0] == "keras" for kind in type(module).__mro__)
+
+
 class TorchAdapter(Adapter):
     """Maps a ``torch.nn.Module``, or a dict of its tensors, to a flat float32 buffer and back.
 
@@ -90,9 +95,13 @@ class TorchAdapter(Adapter):
             state: any object.
 
         Returns:
-            True for modules and ``state_dict``-like mappings of names to tensors.
+            True for modules and ``state_dict``-like mappings of names to tensors; False for
+            Keras layers, which are ``torch.nn.Module`` too on Keras's torch backend but keep
+            their weights in Keras variables (the ``keras`` adapter handles them).
         """
-        return isinstance(state, torch.nn.Module) or is_tensor_dict(state)
+        if isinstance(state, torch.nn.Module):
+            return not _is_keras(state)
+        return is_tensor_dict(state)
 
     def prepare(self, state: StateT, *, zero_copy: bool = True) -> StateT:
         """Flatten a CPU module (:func:`flatten_`) so that gossip copies it in one pass.

@@ -55,6 +55,9 @@ def check(port: int) -> dict[str, Any]:
         "layout": [list(s) for s in adapter.layout(model).shapes],
         "shape_hash": adapter.layout(model).shape_hash,
         "detected": type(detect_adapter(model)).__name__,
+        # Keras-on-torch layers are torch modules: the torch adapter must refuse them itself,
+        # whatever order detection asks the adapters in.
+        "torch_handles": get_adapter("torch").handles(model) if "torch" in sys.modules else None,
         "connect_adapter": "",
     }
 
