@@ -11,6 +11,7 @@ A config is a YAML mapping::
     start: shared              # nodes start from one model (own: each from its own weights)
     interpolation: constant    # an installed strategy: see `dpwa plugins`
     divergence_threshold: 0    # 0 disables
+    drift_correction: 0.2      # learn the steady pull of the peers (skewed data); 0 disables
     constant: {value: 0.5}     # options of a strategy, one section per strategy name
     reject_nonfinite: true     # refuse received parameters holding NaN or Inf
     auth: {secret_env: DPWA_SECRET}                 # optional shared-secret handshake
@@ -70,6 +71,7 @@ _SETTINGS = (
     "timeout_ms",
     "interpolation",
     "divergence_threshold",
+    "drift_correction",
     "reject_nonfinite",
     "transport",
     "wire_dtype",
@@ -131,6 +133,9 @@ class Config:
         timeout_ms: socket timeout in milliseconds, > 0.
         interpolation: name of an installed strategy (see ``dpwa plugins``).
         divergence_threshold: loss at which models diverge on purpose; 0 disables.
+        drift_correction: rate, in ``[0, 1]``, at which each node learns the steady pull of
+            its peers and adds it to its blends (:mod:`dpwa_core.drift`: closes the gap that
+            label-skewed shards leave between nodes); 0 disables.
         methods: options per strategy name, e.g. ``{"constant": {"value": 0.5}}``.
         reject_nonfinite: refuse received parameters that hold NaN or Inf.
         transport: ``auto`` (shared memory with peers on this host, TCP otherwise), ``tcp``
@@ -158,6 +163,7 @@ class Config:
     timeout_ms: float = 2500.0
     interpolation: str = "constant"
     divergence_threshold: float = 0.0
+    drift_correction: float = 0.2
     # Not hashed: sections may hold lists. Equal configs still hash equal without them.
     methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     reject_nonfinite: bool = True
@@ -176,6 +182,7 @@ class Config:
         set_(self, "pull_probability", self._number("pull_probability", lambda v: 0 <= v <= 1))
         set_(self, "timeout_ms", self._number("timeout_ms", lambda v: v > 0))
         set_(self, "divergence_threshold", self._number("divergence_threshold", lambda v: v >= 0))
+        set_(self, "drift_correction", self._number("drift_correction", lambda v: 0 <= v <= 1))
         set_(self, "methods", self._checked_methods())
         for key in ("reject_nonfinite", "blocking"):
             if not isinstance(getattr(self, key), bool):
@@ -369,6 +376,7 @@ class Config:
             "pull_probability": "a probability between 0 and 1, e.g. 1.0",
             "timeout_ms": "a number of milliseconds greater than 0, e.g. 2500",
             "divergence_threshold": "a loss value >= 0 (0 disables), e.g. 0.2",
+            "drift_correction": "a rate between 0 and 1 (0 disables), e.g. 0.2",
         }[key]
         # bool is an int to Python, but `timeout_ms: true` is a mistake, not 1 ms.
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)

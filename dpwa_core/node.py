@@ -35,6 +35,7 @@ from dpwa_core._log import OncePerPeer, get_logger
 from dpwa_core.adapters import lerp_inplace
 from dpwa_core.config import Config, load_config
 from dpwa_core.delta import add_inplace
+from dpwa_core.drift import DriftCorrection
 from dpwa_core.layout import Layout
 from dpwa_core.peers import PeerTable
 from dpwa_core.puller import Outcome, Puller, Ticket
@@ -195,6 +196,8 @@ class Node:
         self._state_landed = False  # a state pull's answer waits in the puller's state_buffer
         self._state_taken_from: str | None = None
         self._last_peer: str | None = None  # the peer of the last blended pull
+        self._drift: DriftCorrection | None = None
+        self._last_blend_step = 0
         self._lock = threading.Lock()
         self._closed = False
         self._warned_loss = False
@@ -520,7 +523,9 @@ class Node:
                 it is still running.
             current: the model as it is now, for a staleness-corrected pull (see
                 :meth:`start_pull`): the result's ``params`` are then ``current + (peer -
-                model at the request)``. Without it they are the (clipped) peer's.
+                model at the request)``, plus the drift correction divided by the factor
+                (``drift_correction``, :mod:`dpwa_core.drift`). Without it they are the
+                (clipped) peer's, plus that correction.
 
         Returns:
             The peer's snapshot and the factor to blend it with (see :meth:`update_wait`), or
@@ -559,11 +564,7 @@ class Node:
         self._count(Outcome.OK)
         self._last_peer = ticket.peer
         peer_clock = self._bounded_clock(ticket.peer, ticket.peer_clock)
-        factor = self._strategy(self.clock, peer_clock, self.loss, ticket.peer_loss)
-        threshold = self.config.divergence_threshold
-        if threshold > 0 and self.loss < threshold:
-            # Near convergence, take less from peers so models can settle (the seed's rule).
-            factor *= max(self.loss, 0.0) / threshold
+        factor = self._factor(peer_clock, ticket.peer_loss)
         # A non-blocking collect runs at the start of a step, before that step's publish: the
         # model has trained one step more than the count says.
         behind = self._steps - ticket.step + (0 if wait else 1)
@@ -572,8 +573,34 @@ class Node:
             self._last_factor = factor
             self._last_behind = behind
         self.clock = factor * peer_clock + (1 - factor) * self.clock
+        self._last_blend_step = self._steps
         self._add_current(ticket, current)
         return self._result(ticket, factor, behind)
+
+    def _factor(self, peer_clock: float, peer_loss: float) -> float:
+        """The interpolation factor for a pull: the strategy's, then the divergence rule."""
+        factor = self._strategy(self.clock, peer_clock, self.loss, peer_loss)
+        threshold = self.config.divergence_threshold
+        if threshold > 0 and self.loss < threshold:
+            # Near convergence, take less from peers so models can settle (the seed's rule).
+            factor *= max(self.loss, 0.0) / threshold
+        return factor
+
+    def _correct_drift(self, lead: np.ndarray, ticket: Ticket, clock: float, loss: float) -> None:
+        """Add the drift correction to a landed pull's lead (on the puller's thread).
+
+        The factor is the one :meth:`collect` will compute at the next step (the same for the
+        builtin strategies but ``loss``, whose loss may move by a step), and the steps are those
+        since the last blend up to that step, so the training thread pays nothing for it.
+        """
+        assert self._drift is not None
+        try:
+            factor = self._factor(self._clock_bound(clock), loss)
+        except Exception:  # noqa: BLE001 - collect() raises it on the training thread
+            return
+        if not 0 < factor <= 1:
+            return
+        self._drift.apply(lead, factor, self._steps - self._last_blend_step + 1)
 
     def _add_current(self, ticket: Ticket, current: Source | None) -> None:
         """Turn a staleness-corrected answer (``peer - reference``) into what to blend toward."""
@@ -698,9 +725,9 @@ class Node:
         within ``[1/(1+lead), lead/(1+lead)]``: a liar cannot take more than that, and a node
         whose clock a liar inflated still takes at least ``1/(1+lead)`` from honest peers.
         """
-        lead = self._robust.max_clock_lead
+        bounded = self._clock_bound(claimed)
         mine = max(self.clock, 1.0)
-        bounded = min(max(claimed, mine / lead), mine * lead)
+        lead = self._robust.max_clock_lead
         if bounded == claimed or claimed < mine:
             return bounded
         with self._lock:
@@ -718,6 +745,12 @@ class Node:
             bounded,
         )
         return bounded
+
+    def _clock_bound(self, claimed: float) -> float:
+        """``claimed`` bounded as :meth:`_bounded_clock` says, without counting or logging."""
+        lead = self._robust.max_clock_lead
+        mine = max(self.clock, 1.0)
+        return min(max(claimed, mine / lead), mine * lead)
 
     def _clip(self, buffer: np.ndarray, peer: str, reference: np.ndarray | None) -> None:
         """Clip the receive buffer toward our model (robust.clip).
@@ -886,7 +919,9 @@ class Node:
             ``clocks_bounded`` (pulls whose peer claimed a clock beyond ``max_clock_lead``);
             ``optimizer_state_from`` (the sponsor whose optimizer state a catch-up took, or
             None), ``served_state`` (optimizer states sent to joiners),
-            ``samples`` (samples this node trained itself) and from :meth:`swarm`,
+            ``samples`` (samples this node trained itself), ``drift_blends`` and
+            ``drift_norm`` (blends that :mod:`~dpwa_core.drift` corrected, and the length of the
+            last correction; 0 with ``drift_correction: 0``) and from :meth:`swarm`,
             ``swarm_samples``, ``swarm_samples_per_s`` and ``swarm_nodes``.
         """
         clipper = self._clipper
@@ -897,6 +932,9 @@ class Node:
         stats["pulls_clipped"] = clipper.clipped if clipper else 0
         stats["clip_radius"] = clipper.radius if clipper else None
         stats["clip_distance"] = clipper.distance if clipper else None
+        drift = self._drift
+        stats["drift_blends"] = drift.blends if drift else 0
+        stats["drift_norm"] = drift.last_norm if drift else 0.0
         stats["pulls_served"] = self._server.served
         stats["bytes_out"] = self._server.bytes_out
         stats["rejected"] = self._server.rejected
@@ -989,6 +1027,8 @@ class Node:
             self._seed("it has no peers")
         self._layout = layout
         self._snapshots = SnapshotBuffer(layout.size, self._shared_segment(layout))
+        if self.config.drift_correction > 0:
+            self._drift = DriftCorrection(layout.size, self.config.drift_correction)
         if self._robust.clip:
             self._clipper = Clipper(self._robust, layout.size)
         share = self._state_share
@@ -1001,6 +1041,7 @@ class Node:
             reject_nonfinite=self.config.reject_nonfinite,
             transport=self.config.transport,
             on_received=self._clip if self._robust.clip else None,
+            on_lead=self._correct_drift if self._drift is not None else None,
             idle=self.config.timeout,
         )
         self._puller.on_samples = self._peer_samples

@@ -182,6 +182,10 @@ class Puller:
             the pull's reference (our model at the request, or None) once a pull's answer is in
             and valid, before the pull is handed out (the node clips it there, see
             :mod:`dpwa_core.robust`).
+        on_lead: called on the puller's thread, after ``on_received``, for a
+            staleness-corrected pull: with the buffer turned into the peer's lead over the
+            reference, the ticket, and the peer's clock and loss (the node adds its drift
+            correction there, see :mod:`dpwa_core.drift`).
         idle: seconds a connection may stay silent (connecting, handshaking, or part-way
             through an answer) before the pull is given up, whatever its deadline; None: only
             the deadline counts.
@@ -198,11 +202,13 @@ class Puller:
         reject_nonfinite: bool = True,
         transport: str = "auto",
         on_received: Callable[[np.ndarray, str, np.ndarray | None], object] | None = None,
+        on_lead: Callable[[np.ndarray, Ticket, float, float], object] | None = None,
         idle: float | None = None,
     ) -> None:
         self.name = name
         self.idle = idle
         self._on_received = on_received
+        self._on_lead = on_lead
         self.transport = transport
         self.pulls_shm = 0
         """Pulls copied from a co-located peer's shared memory."""
@@ -479,6 +485,8 @@ class Puller:
             self._on_received(self.buffer, peer.name, reference)
         if reference is not None:
             subtract_inplace(self.buffer, reference)  # the peer's lead over our past self
+            if self._on_lead is not None and not ticket.join:
+                self._on_lead(self.buffer, ticket, clock, loss)
         # Each peer's average TCP pull time, for stats (a shared-memory read is no link).
         self._peers.record_success(peer.name, elapsed if self.pulls_shm == shm else None)
         failed = self._failing.pop(peer.name, 0)

@@ -155,6 +155,7 @@ def test_config_init_prints_a_commented_config_that_loads(
         "interpolation",
         "constant",
         "divergence_threshold",
+        "drift_correction",
         "reject_nonfinite",
         "transport",
         "wire_dtype",

@@ -1,0 +1,98 @@
+"""Drift correction: cancel the part of a node's own progress that its peers keep pulling back.
+
+On label-skewed shards each node's gradient has a steady bias toward its own classes, and
+pair-wise blends, which only halve the distance to one peer now and then, leave every node a
+steady distance from the others (a proportional controller leaves a steady-state error under a
+constant disturbance). Each blend tells the node which way its peers pull it: the blended lead
+``f * (peer - reference)``. :class:`DriftCorrection` keeps a leaky average of those leads per
+step, ``c``, and adds ``c * k`` (``k`` = training steps since the last blend) to the next
+blend: the integral term of the controller. It learns ``c`` ~ minus the node's own bias, which
+is what gradient tracking (D^2, Tang et al. 2018) gets by sending a second vector; here it costs
+no byte, only one model-sized float32 buffer and two passes over it per blend.
+
+The correction added at one blend is at most :data:`BOUND` times as long as the blend's own
+lead ``f * ||peer - reference||`` (which ``robust.clip`` bounds), so a peer can move the model
+by at most ``1 + BOUND`` times what a plain blend allows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["DriftCorrection"]
+
+_CHUNK = 64 * 1024
+BOUND = 2.0
+"""The correction added at one blend is at most this many times the blend's own lead."""
+LEAK = 0.98
+"""Share of ``c`` kept at each blend: older pulls are forgotten, so ``c`` follows a bias that
+changes as training goes on (about the last 50 blends count)."""
+_MAX_STEPS = 1000  # a longer gap (a node that paused) counts as this many steps
+
+
+class DriftCorrection:
+    """The per-step correction ``c`` of one node (see the module docstring).
+
+    Args:
+        size: elements of the model's flat buffer.
+        rate: weight of a blend's lead per step in ``c``: ``c = LEAK * c + rate * lead / k``
+            (the config's ``drift_correction``), in ``(0, 1]``.
+    """
+
+    def __init__(self, size: int, rate: float) -> None:
+        if not 0 < rate <= 1:
+            raise ValueError(f"drift correction rate must be in (0, 1], got {rate!r}")
+        self.rate = rate
+        self.c = np.zeros(size, np.float32)
+        """The learned correction per training step, float32 like the model."""
+        self.blends = 0
+        """Blends corrected so far."""
+        self.last_norm = 0.0
+        """Length of the correction added at the last blend."""
+        self._c_sq = 0.0  # ||c||**2, kept up to date by apply()
+
+    def apply(self, lead: np.ndarray, factor: float, steps: int) -> None:
+        """Add the correction to a blend and learn from it, in place.
+
+        Args:
+            lead: ``peer - reference`` (clipped), which the caller blends with ``factor``; on
+                return it holds ``lead + c * steps / factor`` (``c`` as it was before this
+                blend, shortened to the bound), so the blend adds ``factor * lead + c * steps``.
+            factor: the blend's interpolation factor; nothing is done when it is 0.
+            steps: training steps since the last blend; nothing is done below 1.
+        """
+        if not factor > 0 or steps < 1:
+            return
+        steps = min(steps, _MAX_STEPS)
+        c = self.c
+        lead_sq = 0.0
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below
+            for start in range(0, c.size, _CHUNK):
+                part = lead[start : start + _CHUNK]
+                lead_sq += float(np.dot(part, part))
+        limit = BOUND * factor * math.sqrt(lead_sq)
+        correction = steps * math.sqrt(self._c_sq)
+        if not (math.isfinite(limit) and math.isfinite(correction)):
+            c[...] = 0.0  # cannot happen with finite leads; never let it reach the model
+            self._c_sq, self.last_norm = 0.0, 0.0
+            return
+        add = steps / factor
+        if correction > limit:
+            add = add * limit / correction if correction > 0 else 0.0
+        self.last_norm = min(correction, limit)
+        learn = np.float32(self.rate * factor / steps)
+        keep, add32 = np.float32(LEAK), np.float32(add)
+        lesson = np.empty(min(_CHUNK, c.size), np.float32)
+        c_sq = 0.0
+        for start in range(0, c.size, _CHUNK):
+            mine, theirs = c[start : start + _CHUNK], lead[start : start + _CHUNK]
+            learned = lesson[: mine.size]
+            np.multiply(theirs, learn, out=learned)  # this blend's lesson, from its own lead
+            theirs += mine * add32  # the correction learned before this blend
+            mine *= keep
+            mine += learned
+            c_sq += float(np.dot(mine, mine))
+        self._c_sq = c_sq
+        self.blends += 1
