@@ -155,6 +155,7 @@ SYSTEMS = {
     "dpwa-bf16": System("dpwa", "bf16", {"wire_dtype": "bfloat16"}),
     "dpwa-int8": System("dpwa", "int8", {"wire_dtype": "int8"}),
     "dpwa-nodrift": System("dpwa", "nodrift", {"drift_correction": 0}),
+    "dpwa-d01": System("dpwa", "d01", {"drift_correction": 0.1}),
     "dpwa-d05": System("dpwa", "d05", {"drift_correction": 0.5}),
     "dpwa-f07": System("dpwa", "f07", {"constant": {"value": 0.7}}),
     "dpwa-f085": System("dpwa", "f085", {"constant": {"value": 0.85}}),
