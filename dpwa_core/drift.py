@@ -52,6 +52,9 @@ class DriftCorrection:
         self.last_norm = 0.0
         """Length of the correction added at the last blend."""
         self._c_sq = 0.0  # ||c||**2, kept up to date by apply()
+        # Two chunk-sized scratch buffers, allocated once: apply() runs on every pull.
+        self._lesson = np.empty(min(_CHUNK, size), np.float32)
+        self._added = np.empty(min(_CHUNK, size), np.float32)
 
     def apply(self, lead: np.ndarray, factor: float, steps: int) -> None:
         """Add the correction to a blend and learn from it, in place.
@@ -84,13 +87,13 @@ class DriftCorrection:
         self.last_norm = min(correction, limit)
         learn = np.float32(self.rate * factor / steps)
         keep, add32 = np.float32(LEAK), np.float32(add)
-        lesson = np.empty(min(_CHUNK, c.size), np.float32)
         c_sq = 0.0
         for start in range(0, c.size, _CHUNK):
             mine, theirs = c[start : start + _CHUNK], lead[start : start + _CHUNK]
-            learned = lesson[: mine.size]
+            learned, added = self._lesson[: mine.size], self._added[: mine.size]
             np.multiply(theirs, learn, out=learned)  # this blend's lesson, from its own lead
-            theirs += mine * add32  # the correction learned before this blend
+            np.multiply(mine, add32, out=added)  # the correction learned before this blend
+            theirs += added
             mine *= keep
             mine += learned
             c_sq += float(np.dot(mine, mine))
