@@ -146,6 +146,8 @@ SETTINGS = {
 SYSTEMS = {
     "dpwa": System("dpwa", "default"),
     "dpwa-p16": System("dpwa", "p16", {"pull_probability": 0.0625}),
+    "dpwa-p2": System("dpwa", "p2", {"pull_probability": 0.5}),
+    "dpwa-p3": System("dpwa", "p3", {"pull_probability": 0.33}),
     "dpwa-blocking": System("dpwa", "blocking", {"blocking": True}),
     "dpwa-sendwait": System("dpwa", "send_wait", {"api": "send_wait"}),
     "dpwa-own": System("dpwa", "own", {"start": "own"}),
@@ -155,6 +157,9 @@ SYSTEMS = {
     "dpwa-bf16": System("dpwa", "bf16", {"wire_dtype": "bfloat16"}),
     "dpwa-int8": System("dpwa", "int8", {"wire_dtype": "int8"}),
     "dpwa-nodrift": System("dpwa", "nodrift", {"drift_correction": 0}),
+    "dpwa-whole": System("dpwa", "whole", {"pull_slices": 1}),
+    "dpwa-s4": System("dpwa", "s4", {"pull_slices": 4}),
+    "dpwa-s4-nodrift": System("dpwa", "s4_nodrift", {"pull_slices": 4, "drift_correction": 0}),
     "dpwa-d01": System("dpwa", "d01", {"drift_correction": 0.1}),
     "dpwa-d05": System("dpwa", "d05", {"drift_correction": 0.5}),
     "dpwa-f07": System("dpwa", "f07", {"constant": {"value": 0.7}}),

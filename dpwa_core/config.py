@@ -12,6 +12,7 @@ A config is a YAML mapping::
     interpolation: constant    # an installed strategy: see `dpwa plugins`
     divergence_threshold: 0    # 0 disables
     drift_correction: 0.2      # learn the steady pull of the peers (skewed data); 0 disables
+    pull_slices: auto          # pull one slice of the model at a time over TCP (1: whole)
     constant: {value: 0.5}     # options of a strategy, one section per strategy name
     reject_nonfinite: true     # refuse received parameters holding NaN or Inf
     auth: {secret_env: DPWA_SECRET}                 # optional shared-secret handshake
@@ -54,6 +55,7 @@ from dpwa_core.secret import (
     looks_random,
 )
 from dpwa_core.tls import TlsSettings, server_context
+from dpwa_core.wire import MAX_SLICES
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -72,6 +74,7 @@ _SETTINGS = (
     "interpolation",
     "divergence_threshold",
     "drift_correction",
+    "pull_slices",
     "reject_nonfinite",
     "transport",
     "wire_dtype",
@@ -136,6 +139,9 @@ class Config:
         drift_correction: rate, in ``[0, 1]``, at which each node learns the steady pull of
             its peers and adds it to its blends (:mod:`dpwa_core.drift`: closes the gap that
             label-skewed shards leave between nodes); 0 disables.
+        pull_slices: how many slices a non-blocking pull over TCP asks for one of, cycling
+            through them: an integer from 1 (whole-model pulls) to 64, or ``auto`` (as many as
+            it takes for a slice to land within about two training steps, measured as it runs).
         methods: options per strategy name, e.g. ``{"constant": {"value": 0.5}}``.
         reject_nonfinite: refuse received parameters that hold NaN or Inf.
         transport: ``auto`` (shared memory with peers on this host, TCP otherwise), ``tcp``
@@ -164,6 +170,7 @@ class Config:
     interpolation: str = "constant"
     divergence_threshold: float = 0.0
     drift_correction: float = 0.2
+    pull_slices: int | str = "auto"
     # Not hashed: sections may hold lists. Equal configs still hash equal without them.
     methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     reject_nonfinite: bool = True
@@ -183,6 +190,7 @@ class Config:
         set_(self, "timeout_ms", self._number("timeout_ms", lambda v: v > 0))
         set_(self, "divergence_threshold", self._number("divergence_threshold", lambda v: v >= 0))
         set_(self, "drift_correction", self._number("drift_correction", lambda v: 0 <= v <= 1))
+        set_(self, "pull_slices", self._checked_slices())
         set_(self, "methods", self._checked_methods())
         for key in ("reject_nonfinite", "blocking"):
             if not isinstance(getattr(self, key), bool):
@@ -369,6 +377,18 @@ class Config:
 
     def _names(self) -> str:
         return ", ".join(spec.name for spec in self.nodes)
+
+    def _checked_slices(self) -> int | str:
+        value = self.pull_slices
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SLICES:
+            raise self._error(
+                "pull_slices",
+                f"must be auto or a whole number from 1 (whole-model pulls) to {MAX_SLICES}; "
+                f"got {_shown(value)}",
+            )
+        return value
 
     def _number(self, key: str, in_range: Callable[[float], bool]) -> float:
         value = getattr(self, key)

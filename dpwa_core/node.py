@@ -42,6 +42,7 @@ from dpwa_core.puller import Outcome, Puller, Ticket
 from dpwa_core.robust import Clipper
 from dpwa_core.server import Server
 from dpwa_core.shm import SharedSegment
+from dpwa_core.slices import SliceSchedule
 from dpwa_core.snapshot import SnapshotBuffer
 from dpwa_core.state_share import StateLayout, StateShare
 from dpwa_core.swarm import SwarmProgress, SwarmTracker
@@ -198,6 +199,7 @@ class Node:
         self._last_peer: str | None = None  # the peer of the last blended pull
         self._drift: DriftCorrection | None = None
         self._last_blend_step = 0
+        self._slicing: SliceSchedule | None = None  # built with the layout
         self._lock = threading.Lock()
         self._closed = False
         self._warned_loss = False
@@ -386,6 +388,9 @@ class Node:
         self.clock += samples
         self._steps += 1
         self._samples += samples
+        self._snapshots.tick()
+        if self._slicing is not None:
+            self._slicing.stepped(time.monotonic())
         if self._state_share is not None:
             self._serve_state(self._state_share)
         self._swarm.trained(self._samples, time.monotonic())
@@ -499,6 +504,7 @@ class Node:
             if self._puller.reference is None:
                 self._puller.reference = np.empty(self._layout.size, np.float32)
             _filler(current)(self._puller.reference)  # no pull is in flight: ours to write
+        slicing = self._slicing if delta and not join else None
         self._pending = Ticket(
             deadline,
             self.clock,
@@ -507,6 +513,8 @@ class Node:
             step=self._steps,
             delta=delta,
             if_idle=if_idle,
+            slices=slicing.slices if slicing else 0,
+            slice_index=slicing.index if slicing else 0,
         )
         self._puller.submit(self._pending)
         return True
@@ -572,7 +580,12 @@ class Node:
             self._last_age = ticket.peer_clock - self.clock
             self._last_factor = factor
             self._last_behind = behind
-        self.clock = factor * peer_clock + (1 - factor) * self.clock
+        share = 1.0
+        if ticket.span is not None and self._layout is not None:  # a slice: its share moves
+            share = (ticket.span[1] - ticket.span[0]) / self._layout.size
+        if self._slicing is not None and ticket.delta:
+            self._slicing.landed(ticket.span is not None, ticket.over_tcp, ticket.elapsed)
+        self.clock += factor * share * (peer_clock - self.clock)
         self._last_blend_step = self._steps
         self._add_current(ticket, current)
         return self._result(ticket, factor, behind)
@@ -762,7 +775,9 @@ class Node:
         assert self._clipper is not None and self._snapshots is not None
         clipper = self._clipper
         if reference is not None:
-            if not clipper.clip(buffer, reference, peer):
+            # A slice of the model: distances in whole-model terms (see Clipper.clip).
+            scale = math.sqrt(self._layout.size / buffer.size) if self._layout else 1.0
+            if not clipper.clip(buffer, reference, peer, scale):
                 return
         else:
             with self._snapshots.pinned() as snapshot:
@@ -921,7 +936,9 @@ class Node:
             None), ``served_state`` (optimizer states sent to joiners),
             ``samples`` (samples this node trained itself), ``drift_blends`` and
             ``drift_norm`` (blends that :mod:`~dpwa_core.drift` corrected, and the length of the
-            last correction; 0 with ``drift_correction: 0``) and from :meth:`swarm`,
+            last correction; 0 with ``drift_correction: 0``), ``slices`` (how many slices
+            the next pull over TCP cuts the model into, ``pull_slices``) and ``pulls_sliced``
+            (pulls that brought one slice), and from :meth:`swarm`,
             ``swarm_samples``, ``swarm_samples_per_s`` and ``swarm_nodes``.
         """
         clipper = self._clipper
@@ -934,6 +951,9 @@ class Node:
         stats["clip_distance"] = clipper.distance if clipper else None
         drift = self._drift
         stats["drift_blends"] = drift.blends if drift else 0
+        slicing = self._slicing
+        stats["slices"] = slicing.slices if slicing else 1
+        stats["pulls_sliced"] = slicing.sliced if slicing else 0
         stats["drift_norm"] = drift.last_norm if drift else 0.0
         stats["pulls_served"] = self._server.served
         stats["bytes_out"] = self._server.bytes_out
@@ -1029,6 +1049,7 @@ class Node:
         self._snapshots = SnapshotBuffer(layout.size, self._shared_segment(layout))
         if self.config.drift_correction > 0:
             self._drift = DriftCorrection(layout.size, self.config.drift_correction)
+        self._slicing = SliceSchedule(self.config.pull_slices, layout.size)
         if self._robust.clip:
             self._clipper = Clipper(self._robust, layout.size)
         share = self._state_share

@@ -53,6 +53,7 @@ from dpwa_core.wire import (
     encode_header,
     recv_exact,
     send_all,
+    slice_bounds,
 )
 from dpwa_core.wire_dtype import SCRATCH_BYTES, WireDType, decode_into
 
@@ -98,6 +99,15 @@ class Ticket:
     """Peers a join round got any answer or error from (not those a deadline cut off)."""
     busy: set[str] = field(default_factory=set)
     """Peers that answered BUSY during a join round: they have a model but were sending."""
+    slices: int = 0
+    """Staleness-corrected pulls only: ask a peer reached over TCP for slice ``slice_index``
+    of the model cut into this many (:func:`~dpwa_core.wire.slice_bounds`); 0 or 1: the whole
+    model. A co-located peer (shared memory) is always pulled whole."""
+    slice_index: int = 0
+    span: tuple[int, int] | None = None
+    """Set by the puller: the element range the answer covered; None for the whole model."""
+    over_tcp: bool = False
+    """Set by the puller: the answer came over TCP, not from shared memory."""
     if_idle: bool = False
     """Ask a join round's peers with IF_IDLE, so a busy sponsor is skipped, not shared."""
     state: bool = False
@@ -481,10 +491,15 @@ class Puller:
             return Outcome.FAILED, {}
         elapsed = time.monotonic() - start  # the transfer, not what on_received does
         reference = self.reference if ticket.delta else None
+        first, stop = ticket.span or (0, self.buffer.size)
+        part = self.buffer[first:stop]
         if self._on_received is not None and not ticket.join:  # a joiner copies its sponsor
-            self._on_received(self.buffer, peer.name, reference)
+            self._on_received(part, peer.name, None if reference is None else reference[first:stop])
         if reference is not None:
-            subtract_inplace(self.buffer, reference)  # the peer's lead over our past self
+            # The peer's lead over our past self; none outside the slice that came.
+            subtract_inplace(part, reference[first:stop])
+            self.buffer[:first] = 0
+            self.buffer[stop:] = 0
             if self._on_lead is not None and not ticket.join:
                 self._on_lead(self.buffer, ticket, clock, loss)
         # Each peer's average TCP pull time, for stats (a shared-memory read is no link).
@@ -510,14 +525,20 @@ class Puller:
     def _exchange(self, peer: Peer, ticket: Ticket, flags: int = 0) -> tuple[float, float]:
         """Send PULL with ``flags``, receive the answer; returns the peer's (clock, loss)."""
         offer_shm = self.transport != "tcp" and peer.address not in self._no_shm
+        ticket.span, ticket.over_tcp = None, True
+        if ticket.delta and not ticket.join and ticket.slices > 1 and not offer_shm:
+            ticket.span = slice_bounds(self.layout.size, ticket.slices, ticket.slice_index)
         link = self._request(peer, ticket, flags | (FLAG_SHM if offer_shm else 0))
         for _ in range(3):
-            header = self._receive_answer(link, ticket.deadline, offer_shm, flags & FLAG_IF_IDLE)
+            header = self._receive_answer(
+                link, ticket.deadline, offer_shm, flags & FLAG_IF_IDLE, span=ticket.span
+            )
             if header.type is MessageType.PARAMS:
                 break
             self.bytes_in += HEADER.size + SHM_ANSWER.size
             if self._read_shm(peer, ShmAnswer.decode(self._shm_payload), ticket.deadline):
                 self.pulls_shm += 1
+                ticket.over_tcp = False
                 break
             # Torn or not mappable here: ask again, over TCP unless shared memory is required.
             offer_shm = self.transport == "shm"
@@ -538,8 +559,12 @@ class Puller:
         offer_shm: bool,
         if_idle: int = 0,
         into: StateLayout | None = None,
+        span: tuple[int, int] | None = None,
     ) -> Header:
         """Receive the rest of the answer whose header is in ``self._header``, check its tag.
+
+        ``span`` is the slice the request asked for (None: the whole model); a PARAMS answer
+        must hold exactly that.
 
         Nothing of the answer is acted on before its tag (with ``auth``) has been checked; a
         PARAMS payload lands in the receive buffer (``state_buffer`` when ``into`` is the
@@ -554,8 +579,14 @@ class Puller:
         text = b""
         if header.type is MessageType.PARAMS:
             self._check_fingerprint(header, layout)
+            if header.span != (span or (0, layout.size)):
+                raise ProtocolError(
+                    f"answer holds elements {header.span[0]}:{header.span[1]}, asked for "
+                    f"{'all' if span is None else f'{span[0]}:{span[1]}'}"
+                )
             if into is None:
-                self._receive_params(conn, header, deadline, mac, self.buffer)
+                first, stop = header.span
+                self._receive_params(conn, header, deadline, mac, self.buffer[first:stop])
             elif header.dtype is not WireDType.FLOAT32:
                 raise ProtocolError(f"optimizer state sent as {header.dtype.name}, not float32")
             else:
@@ -592,6 +623,7 @@ class Puller:
     def _encode_request(self, ticket: Ticket, flags: int) -> bytes:
         layout = self.state if flags & FLAG_STATE and self.state is not None else self.layout
         size, shape_hash = layout.fingerprint
+        sliced = ticket.span is not None and not flags & FLAG_STATE
         return encode_header(
             MessageType.PULL,
             clock=ticket.clock,
@@ -599,6 +631,8 @@ class Puller:
             size=size,
             shape_hash=shape_hash,
             flags=flags,
+            slices=ticket.slices if sliced else 0,
+            slice_index=ticket.slice_index if sliced else 0,
         )
 
     def _request(self, peer: Peer, ticket: Ticket, flags: int) -> _Link:

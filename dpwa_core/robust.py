@@ -141,13 +141,16 @@ class Clipper:
         self.by_peer: dict[str, int] = {}
         """Clipped pulls per peer name."""
 
-    def clip(self, peer: np.ndarray, local: np.ndarray, name: str) -> bool:
+    def clip(self, peer: np.ndarray, local: np.ndarray, name: str, scale: float = 1.0) -> bool:
         """Clip ``peer`` in place toward ``local``; True when it was clipped.
 
         Args:
             peer: the received vector (the node's receive buffer), rewritten when clipped.
             local: the snapshot the node published for this step.
             name: the peer's name, for the per-peer count.
+            scale: for one slice of the model, ``sqrt(model size / slice size)``: distances
+                and norms are scaled by it to whole-model terms, so that slices and whole
+                pulls share one median and one radius.
 
         Returns:
             True when ``||peer - local||`` exceeded the radius and ``peer`` was shrunk to it.
@@ -157,6 +160,7 @@ class Clipper:
         settings = self.settings
         warming = self._seen < settings.clip_window
         distance, norm = distance_and_norm(peer, local, self._scratch, norm=warming)
+        distance, norm = distance * scale, norm * scale
         if not math.isfinite(distance):
             return False
         medians = [statistics.median(d) for d in self._by_peer.values()]

@@ -56,6 +56,7 @@ from dpwa_core.wire import (
     encode_header,
     recv_exact,
     send_all,
+    slice_bounds,
     transfer_deadline,
 )
 from dpwa_core.wire_dtype import SCRATCH_BYTES, WireDType, encode_chunks, wire_dtype_for
@@ -503,7 +504,8 @@ class Server:
         if (size, shape_hash) != layout.fingerprint:
             self._mismatch(connection, request, layout, "layout")
             return False
-        segment = snapshots.segment if request.flags & FLAG_SHM else None
+        # A slice is always sent over TCP: a co-located peer copies the whole model anyway.
+        segment = snapshots.segment if request.flags & FLAG_SHM and not request.slices else None
         if request.flags & FLAG_IF_IDLE and self._sending and segment is None:
             # Our link is taken: the puller asks an idle peer instead of sharing it.
             with self._lock:
@@ -539,7 +541,8 @@ class Server:
                 sent = HEADER.size + len(answer)
             else:
                 start = time.monotonic()
-                nbytes = self._dtype(connection).payload_bytes(layout.size)
+                first, stop = request.span
+                nbytes = self._dtype(connection).payload_bytes(stop - first)
                 deadline = transfer_deadline(start, nbytes, self.timeout)
                 with self._lock:
                     self._sending += 1
@@ -551,6 +554,7 @@ class Server:
                         (snapshot.clock, snapshot.loss),
                         deadline,
                         self._dtype(connection),
+                        (request.slices, request.slice_index),
                     )
                 finally:
                     with self._lock:
@@ -605,6 +609,8 @@ class Server:
 
     def _answer_state(self, connection: _Connection, request: Header) -> bool:
         """Answer a STATE pull with our optimizer state (float32); False to close."""
+        if request.slices:
+            raise ProtocolError("a STATE pull asks for a slice; the optimizer state goes whole")
         share = self._state
         deadline = time.monotonic() + self.timeout
         if share is None or self._source is None:
@@ -643,23 +649,29 @@ class Server:
         clock_loss: tuple[float, float],
         deadline: float,
         dtype: WireDType,
+        part: tuple[int, int] = (0, 0),
     ) -> int:
         """Stream ``params`` as PARAMS in ``dtype``, tagged chunk by chunk; the bytes sent.
 
-        ``deadline`` is far enough for a slow link; a peer that takes no byte for ``timeout``
-        seconds is dropped long before it.
+        ``part`` is ``(slices, slice index)`` of the request: only that slice is sent (``(0,
+        0)``: the whole model). ``deadline`` is far enough for a slow link; a peer that takes
+        no byte for ``timeout`` seconds is dropped long before it.
         """
         conn, session = connection.sock, connection.session
         idle = self.timeout
         size, shape_hash = layout.fingerprint
+        first, stop = slice_bounds(size, *part) if part[0] else (0, size)
+        params = params[first:stop]
         reply = encode_header(
             MessageType.PARAMS,
             clock=clock_loss[0],
             loss=clock_loss[1],
             size=size,
             shape_hash=shape_hash,
-            length=dtype.payload_bytes(size),
+            length=dtype.payload_bytes(params.size),
             dtype=dtype,
+            slices=part[0],
+            slice_index=part[1],
         )
         mac = session.send.begin() if session is not None else None
         if mac is not None:
@@ -680,7 +692,7 @@ class Server:
                 send_all(conn, piece, deadline, idle)
         if mac is not None:
             send_all(conn, mac.digest(), deadline, idle)
-        return HEADER.size + dtype.payload_bytes(size)
+        return HEADER.size + dtype.payload_bytes(params.size)
 
 
 _MAC_CHUNK = 1 << 20  # bytes tagged and sent at a time

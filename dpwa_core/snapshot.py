@@ -24,7 +24,10 @@ import numpy as np
 
 from dpwa_core.shm import SharedSegment
 
-__all__ = ["Snapshot", "SnapshotBuffer"]
+__all__ = ["FRESH_STEPS", "Snapshot", "SnapshotBuffer"]
+
+FRESH_STEPS = 1
+"""A lazily published snapshot at most this many training steps old is served at once."""
 
 
 class Snapshot(NamedTuple):
@@ -69,6 +72,8 @@ class SnapshotBuffer:
         self.published = 0
         """Snapshots written (each one model-sized copy)."""
         self._wanted = True  # nothing published yet: the first publish is always wanted
+        self._ticks = 0  # training steps the trainer reported (tick)
+        self._published_tick = -1  # the tick of the published snapshot
         self.lazy = False
         """Whether the trainer publishes only when :attr:`wanted` (set by the node)."""
 
@@ -80,14 +85,24 @@ class SnapshotBuffer:
 
         Args:
             wait: with a lazy trainer, wait up to this many seconds for that next publish, so
-                the answer is the model as it is now, not as it was at the previous request.
+                the answer is the model as it is now, not as it was at the previous request;
+                unless the published snapshot is at most :data:`FRESH_STEPS` training steps
+                old (:meth:`tick`), which is fresh enough: waiting for a newer one would cost
+                about as much time as it gains.
         """
         with self._fresh:
             self._wanted = True
             if not self.lazy or wait <= 0 or self._published < 0:
                 return
+            if self._ticks - self._published_tick <= FRESH_STEPS:
+                return
             target = self.published + 1
             self._fresh.wait_for(lambda: self.published >= target, wait)
+
+    def tick(self) -> None:
+        """Note one training step (the node calls this on every publish, copied or not)."""
+        with self._lock:
+            self._ticks += 1
 
     @property
     def wanted(self) -> bool:
@@ -126,6 +141,7 @@ class SnapshotBuffer:
                 sequence = segment.sequence(spare)
             with self._lock:
                 self._published = spare
+                self._published_tick = self._ticks
                 self._state = (clock, loss, sequence)
                 self.published += 1
                 self._fresh.notify_all()

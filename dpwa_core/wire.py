@@ -24,6 +24,7 @@ __all__ = [
     "HEADER",
     "MAGIC",
     "MAX_TEXT_PAYLOAD",
+    "MAX_SLICES",
     "MIN_TRANSFER_RATE",
     "VERSION",
     "FLAG_IF_IDLE",
@@ -39,16 +40,20 @@ __all__ = [
     "encode_header",
     "recv_exact",
     "send_all",
+    "slice_bounds",
     "transfer_deadline",
 ]
 
 MAGIC = b"DPWA"
-VERSION = 4
-"""Version 4 adds the STATE flag (optimizer state at catch-up) and STATUS; version 3 the int8
-dtype, the IF_IDLE flag and BUSY; version 2 tags every message after an ``auth`` handshake.
-Other versions are refused."""
+VERSION = 5
+"""Version 5 adds slices (a PULL for one slice of the model, answered with that slice); version
+4 the STATE flag (optimizer state at catch-up) and STATUS; version 3 the int8 dtype, the IF_IDLE
+flag and BUSY; version 2 tags every message after an ``auth`` handshake. Other versions are
+refused."""
 HEADER = struct.Struct("<4sBBHBBHddQQQ")
-"""magic, version, type, flags, dtype, reserved8, reserved16, clock, loss, size, hash, length."""
+"""magic, version, type, flags, dtype, slices, slice, clock, loss, size, hash, length."""
+MAX_SLICES = 64
+"""The most slices a model may be cut into for one pull (the header's ``slices`` byte)."""
 MAX_TEXT_PAYLOAD = 64 * 1024
 """Largest text a LAYOUT_MISMATCH or STATUS_REPLY message may carry."""
 FLAG_SHM = 0x0001
@@ -130,6 +135,33 @@ class Header(NamedTuple):
     length: int
     flags: int = 0
     dtype: WireDType = WireDType.FLOAT32
+    slices: int = 0
+    """PULL: ask for slice ``slice_index`` of the model cut into this many; PARAMS: the answer
+    holds that slice. 0: the whole model."""
+    slice_index: int = 0
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The element range ``(start, stop)`` the message is about (the whole layout for 0)."""
+        if not self.slices:
+            return 0, self.size
+        return slice_bounds(self.size, self.slices, self.slice_index)
+
+
+def slice_bounds(size: int, slices: int, index: int) -> tuple[int, int]:
+    """Elements ``(start, stop)`` of slice ``index`` of a ``size``-element model cut into
+    ``slices`` nearly equal consecutive ranges: ``start = index * size // slices``.
+
+    Raises:
+        ValueError: ``slices`` is not in ``[1, min(size, MAX_SLICES)]`` or ``index`` not in
+            ``[0, slices)``.
+    """
+    if not 1 <= slices <= min(size, MAX_SLICES) or not 0 <= index < slices:
+        raise ValueError(
+            f"slice {index} of {slices} is not a slice of a {size}-element model (at most "
+            f"{MAX_SLICES} slices, at most one per element)"
+        )
+    return index * size // slices, (index + 1) * size // slices
 
 
 class ShmAnswer(NamedTuple):
@@ -172,6 +204,8 @@ def encode_header(
     length: int = 0,
     flags: int = 0,
     dtype: WireDType = WireDType.FLOAT32,
+    slices: int = 0,
+    slice_index: int = 0,
 ) -> bytes:
     """Pack one header.
 
@@ -184,20 +218,35 @@ def encode_header(
         length: number of payload bytes that follow the header.
         flags: PULL flags, e.g. :data:`FLAG_SHM`.
         dtype: element type of a PARAMS payload.
+        slices: PULL and PARAMS: the model is cut into this many slices and the message is
+            about slice ``slice_index`` (:func:`slice_bounds`); 0 for the whole model.
+        slice_index: which slice.
 
     Returns:
         The :data:`HEADER`-sized bytes.
     """
     return HEADER.pack(
-        MAGIC, VERSION, kind, flags, dtype, 0, 0, clock, loss, size, shape_hash, length
+        MAGIC,
+        VERSION,
+        kind,
+        flags,
+        dtype,
+        slices,
+        slice_index,
+        clock,
+        loss,
+        size,
+        shape_hash,
+        length,
     )
 
 
 def decode_header(data: bytes | bytearray | memoryview) -> Header:
     """Unpack and validate one header.
 
-    Checks magic, version, type, flags, dtype and reserved bytes, that clock and loss are finite
-    and clock is not negative, and that the payload length fits the message type. Whether a
+    Checks magic, version, type, flags, dtype and slice, that clock and loss are finite and
+    clock is not negative, and that the payload length fits the message type (for PARAMS of a
+    slice, that slice's). Whether a
     PARAMS length matches the receiver's layout is checked by the receiver, which knows it.
 
     Args:
@@ -212,7 +261,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
     """
     if len(data) != HEADER.size:
         raise ProtocolError(f"header is {len(data)} bytes, expected {HEADER.size}")
-    magic, version, kind, flags, dtype, res8, res16, clock, loss, size, shape_hash, length = (
+    magic, version, kind, flags, dtype, slices, index, clock, loss, size, shape_hash, length = (
         HEADER.unpack(data)
     )
     if magic != MAGIC:
@@ -232,8 +281,16 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         element = WireDType(dtype)
     except ValueError:
         raise ProtocolError(f"unknown payload dtype {dtype}") from None
-    if res8 != 0 or res16 != 0:
-        raise ProtocolError("reserved header bytes are not zero")
+    if slices == 0 and index != 0:
+        raise ProtocolError(f"slice {index} of a whole-model message (slices 0)")
+    if slices and message_type not in (MessageType.PULL, MessageType.PARAMS):
+        raise ProtocolError(f"{message_type.name} cannot be about a slice")
+    start, stop = 0, size
+    if slices:
+        try:
+            start, stop = slice_bounds(size, slices, index)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
     if not math.isfinite(clock) or clock < 0:
         raise ProtocolError(f"clock {clock!r} is not a finite non-negative number")
     if not math.isfinite(loss):
@@ -244,13 +301,16 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         raise ProtocolError(f"layout description of {length} bytes exceeds {MAX_TEXT_PAYLOAD}")
     if message_type is MessageType.STATUS_REPLY and length > MAX_TEXT_PAYLOAD:
         raise ProtocolError(f"status of {length} bytes exceeds {MAX_TEXT_PAYLOAD}")
-    if message_type is MessageType.PARAMS and length != element.payload_bytes(size):
+    if message_type is MessageType.PARAMS and length != element.payload_bytes(stop - start):
         raise ProtocolError(
-            f"payload of {length} bytes does not hold {size} {element.name.lower()} elements"
+            f"payload of {length} bytes does not hold {stop - start} {element.name.lower()} "
+            "elements"
         )
     if message_type is MessageType.SHM_PARAMS and length != SHM_ANSWER.size:
         raise ProtocolError(f"SHM_PARAMS payload is {length} bytes, expected {SHM_ANSWER.size}")
-    return Header(message_type, clock, loss, size, shape_hash, length, flags, element)
+    return Header(
+        message_type, clock, loss, size, shape_hash, length, flags, element, slices, index
+    )
 
 
 MIN_TRANSFER_RATE = 125_000

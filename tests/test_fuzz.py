@@ -70,7 +70,8 @@ def test_any_header_decodes_to_a_checked_header_or_protocol_error(data: bytes) -
         return
     assert header.clock >= 0 and np.isfinite(header.clock) and np.isfinite(header.loss)
     if header.type is MessageType.PARAMS:
-        assert header.length == 4 * header.size
+        start, stop = header.span
+        assert header.length == header.dtype.payload_bytes(stop - start)
     elif header.type is MessageType.LAYOUT_MISMATCH:
         assert header.length <= MAX_TEXT_PAYLOAD
     else:

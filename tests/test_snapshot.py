@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
-from dpwa_core.snapshot import SnapshotBuffer
+from dpwa_core.snapshot import FRESH_STEPS, SnapshotBuffer
 
 
 def test_nothing_published_yields_none() -> None:
@@ -79,3 +80,23 @@ def test_readers_never_see_a_torn_snapshot() -> None:
         t.join()
     assert reads[0] > 10
     assert torn == []
+
+
+def test_a_lazy_snapshot_one_step_old_is_served_at_once_an_older_one_waits() -> None:
+    buffer = SnapshotBuffer(4)
+    buffer.lazy = True
+    buffer.tick()
+    buffer.publish(lambda out: out.fill(1.0), 1.0, 0.5)
+    for _ in range(FRESH_STEPS):
+        buffer.tick()  # steps that copied nothing: nobody asked
+        began = time.monotonic()
+        buffer.want(wait=5.0)
+        assert time.monotonic() - began < 1.0  # fresh enough: no wait for the next copy
+    buffer.tick()  # one step more: now it is stale, and the next copy is awaited
+    copier = threading.Timer(0.3, lambda: buffer.publish(lambda out: out.fill(2.0), 2.0, 0.5))
+    began = time.monotonic()
+    copier.start()
+    buffer.want(wait=5.0)
+    assert 0.25 <= time.monotonic() - began < 4.0
+    with buffer.pinned() as snapshot:
+        assert snapshot is not None and snapshot.params[0] == 2.0

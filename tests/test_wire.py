@@ -34,8 +34,8 @@ FIELDS = dict(
     type=2,
     flags=0,
     dtype=1,
-    r8=0,
-    r16=0,
+    slices=0,
+    slice=0,
     clock=5.0,
     loss=0.25,
     size=10,
@@ -53,7 +53,7 @@ def test_header_is_52_bytes_little_endian() -> None:
     data = encode_header(MessageType.PARAMS, clock=3.0, loss=0.5, size=2, shape_hash=7, length=8)
     assert len(data) == 52
     assert data[:4] == b"DPWA"
-    assert data[4] == 4 and data[5] == 2
+    assert data[4] == VERSION == 5 and data[5] == 2
     assert struct.unpack_from("<d", data, 12)[0] == 3.0
     assert struct.unpack_from("<Q", data, 44)[0] == 8
 
@@ -85,8 +85,10 @@ def test_round_trip() -> None:
         (dict(dtype=5), "unknown payload dtype"),
         (dict(dtype=2), "does not hold 10 float16"),
         (dict(type=8, length=40), "SHM_PARAMS payload is 40 bytes"),
-        (dict(r8=1), "reserved"),
-        (dict(r16=5), "reserved"),
+        (dict(slice=5), "slice 5 of a whole-model message"),
+        (dict(slices=2, slice=2), "slice 2 of 2 is not a slice"),
+        (dict(slices=11), "slice 0 of 11 is not a slice of a 10-element model"),
+        (dict(slices=2, length=20, type=3), "NOT_READY cannot be about a slice"),
         (dict(clock=float("nan")), "clock"),
         (dict(clock=-1.0), "clock"),
         (dict(clock=float("inf")), "clock"),
