@@ -490,11 +490,13 @@ def summarize(run: dict[str, Any], times: np.ndarray, acc: np.ndarray, target: f
     }
     stats = [r["extra"].get("stats") for r in ranks]
     if all(isinstance(s, dict) for s in stats):
-        keys = ("pulls_ok", "pulls_failed", "pulls_timed_out", "pulls_busy", "bytes_in")
+        keys = ("pulls_ok", "pulls_failed", "pulls_timed_out", "pulls_busy", "pulls_sliced")
+        keys += ("bytes_in",)
         summary["dpwa"] = {key: sum(int(s.get(key) or 0) for s in stats) for key in keys}
         summary["dpwa"]["bytes_out"] = sum(int(s.get("bytes_out") or 0) for s in stats)
         summary["dpwa"]["pulls_ok_per_rank"] = [s.get("pulls_ok") for s in stats]
         summary["dpwa"]["pull_s_per_rank"] = [s.get("pull_s") for s in stats]
+        summary["dpwa"]["slices_per_rank"] = [s.get("slices") for s in stats]
         use = [_link_use(s, rate) for s, rate in zip(stats, setting.link_rates(), strict=True)]
         if not run["lab"]:
             use = [None] * len(use)  # loopback links have no rate

@@ -56,29 +56,38 @@ class DriftCorrection:
         self._lesson = np.empty(min(_CHUNK, size), np.float32)
         self._added = np.empty(min(_CHUNK, size), np.float32)
 
-    def apply(self, lead: np.ndarray, factor: float, steps: int) -> None:
+    def apply(self, lead: np.ndarray, factor: float, steps: int, offset: int = 0) -> None:
         """Add the correction to a blend and learn from it, in place.
 
         Args:
             lead: ``peer - reference`` (clipped), which the caller blends with ``factor``; on
                 return it holds ``lead + c * steps / factor`` (``c`` as it was before this
                 blend, shortened to the bound), so the blend adds ``factor * lead + c * steps``.
+                For a slice of the model (:mod:`dpwa_core.slices`), the slice's lead only:
+                ``c`` is then read and learned on those elements.
             factor: the blend's interpolation factor; nothing is done when it is 0.
-            steps: training steps since the last blend; nothing is done below 1.
+            steps: training steps since these elements were last blended; nothing is done
+                below 1.
+            offset: where ``lead`` starts in the model (0 for the whole model).
         """
         if not factor > 0 or steps < 1:
             return
         steps = min(steps, _MAX_STEPS)
-        c = self.c
-        lead_sq = 0.0
+        c = self.c[offset : offset + lead.size]
+        lead_sq = old_sq = 0.0
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below
             for start in range(0, c.size, _CHUNK):
                 part = lead[start : start + _CHUNK]
                 lead_sq += float(np.dot(part, part))
+                if c.size < self.c.size:
+                    mine = c[start : start + _CHUNK]
+                    old_sq += float(np.dot(mine, mine))
+        if c.size == self.c.size:
+            old_sq = self._c_sq
         limit = BOUND * factor * math.sqrt(lead_sq)
-        correction = steps * math.sqrt(self._c_sq)
+        correction = steps * math.sqrt(old_sq)
         if not (math.isfinite(limit) and math.isfinite(correction)):
-            c[...] = 0.0  # cannot happen with finite leads; never let it reach the model
+            self.c[...] = 0.0  # cannot happen with finite leads; never let it reach the model
             self._c_sq, self.last_norm = 0.0, 0.0
             return
         add = steps / factor
@@ -97,5 +106,5 @@ class DriftCorrection:
             mine *= keep
             mine += learned
             c_sq += float(np.dot(mine, mine))
-        self._c_sq = c_sq
+        self._c_sq = max(0.0, self._c_sq - old_sq) + c_sq if c.size < self.c.size else c_sq
         self.blends += 1

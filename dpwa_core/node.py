@@ -604,7 +604,9 @@ class Node:
 
         The factor is the one :meth:`collect` will compute at the next step (the same for the
         builtin strategies but ``loss``, whose loss may move by a step), and the steps are those
-        since the last blend up to that step, so the training thread pays nothing for it.
+        since the last blend up to that step, so the training thread pays nothing for it. A
+        slice (``ticket.span``) is corrected on its own elements, which the pulls, cycling
+        through ``ticket.slices`` slices, blend once every that many pulls.
         """
         assert self._drift is not None
         try:
@@ -613,7 +615,11 @@ class Node:
             return
         if not 0 < factor <= 1:
             return
-        self._drift.apply(lead, factor, self._steps - self._last_blend_step + 1)
+        steps = self._steps - self._last_blend_step + 1
+        if ticket.span is None:
+            self._drift.apply(lead, factor, steps)
+        else:
+            self._drift.apply(lead, factor, steps * ticket.slices, offset=ticket.span[0])
 
     def _add_current(self, ticket: Ticket, current: Source | None) -> None:
         """Turn a staleness-corrected answer (``peer - reference``) into what to blend toward."""

@@ -193,8 +193,9 @@ class Puller:
             and valid, before the pull is handed out (the node clips it there, see
             :mod:`dpwa_core.robust`).
         on_lead: called on the puller's thread, after ``on_received``, for a
-            staleness-corrected pull: with the buffer turned into the peer's lead over the
-            reference, the ticket, and the peer's clock and loss (the node adds its drift
+            staleness-corrected pull: with the buffer (the slice that came, for a slice pull:
+            ``ticket.span``) turned into the peer's lead over the reference, the ticket, and
+            the peer's clock and loss (the node adds its drift
             correction there, see :mod:`dpwa_core.drift`).
         idle: seconds a connection may stay silent (connecting, handshaking, or part-way
             through an answer) before the pull is given up, whatever its deadline; None: only
@@ -501,7 +502,7 @@ class Puller:
             self.buffer[:first] = 0
             self.buffer[stop:] = 0
             if self._on_lead is not None and not ticket.join:
-                self._on_lead(self.buffer, ticket, clock, loss)
+                self._on_lead(part, ticket, clock, loss)
         # Each peer's average TCP pull time, for stats (a shared-memory read is no link).
         self._peers.record_success(peer.name, elapsed if self.pulls_shm == shm else None)
         failed = self._failing.pop(peer.name, 0)

@@ -70,6 +70,18 @@ def test_an_overflowing_lead_resets_the_correction_and_is_left_alone() -> None:
     assert np.isfinite(drift.c).all()
 
 
+def test_a_slice_reads_and_learns_only_its_own_elements() -> None:
+    drift = DriftCorrection(8, rate=0.5)
+    drift.apply(np.ones(8, np.float32), factor=1.0, steps=1)  # c = 0.5 everywhere
+    lead = np.full(4, 2.0, np.float32)
+    drift.apply(lead, factor=0.5, steps=4, offset=4)  # the second half, once every 4 steps
+    # The blend adds c * steps there (0.5 * 4 = 2 per value, within the bound 2 * 0.5 * 4).
+    assert np.allclose(0.5 * (lead - 2.0), 2.0)
+    assert np.allclose(drift.c[:4], 0.5)  # the first half is untouched
+    assert np.allclose(drift.c[4:], LEAK * 0.5 + 0.5 * 0.5 * 2.0 / 4)
+    assert math.isclose(drift._c_sq, float(np.dot(drift.c, drift.c)), rel_tol=1e-5)
+
+
 @pytest.mark.parametrize("rate", [0.0, -0.1, 1.5, math.nan])
 def test_a_rate_outside_0_1_is_refused(rate: float) -> None:
     with pytest.raises(ValueError, match="drift correction rate"):
