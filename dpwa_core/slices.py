@@ -12,22 +12,26 @@ blend leaves the model as it is); the clock moves by the factor times the slice'
 model. Only non-blocking pulls (``step``) over TCP are sliced: a co-located peer (shared memory)
 and a blocking pull are pulled whole.
 
-:class:`SliceSchedule` decides the count. With ``pull_slices: auto`` it starts whole and adds a
-slice while a pull takes more than :data:`HIGH` training steps from request to answer, and drops
-one while it takes fewer than :data:`LOW`, between 1 and :data:`AUTO_MAX`: on a fast link pulls
-stay whole, on a slow one each slice lands within about two steps.
+:class:`SliceSchedule` decides the count. With ``pull_slices: auto`` it starts whole, and when a
+pull takes more than :data:`HIGH` training steps from request to answer, or fewer than
+:data:`LOW` while the model is cut, it rescales the count so that a pull would take
+:data:`TARGET` steps (the count times the steps the last pull took over :data:`TARGET`,
+rounded), between 1 and :data:`AUTO_MAX`: on a fast link pulls stay whole, on a slow one each
+slice lands within about two steps, from the second pull on.
 """
 
 from __future__ import annotations
 
-__all__ = ["AUTO_MAX", "HIGH", "LOW", "SliceSchedule"]
+__all__ = ["AUTO_MAX", "HIGH", "LOW", "TARGET", "SliceSchedule"]
 
 AUTO_MAX = 16
 """The most slices ``pull_slices: auto`` cuts the model into."""
 HIGH = 2.0
-"""Training steps a pull may take before ``auto`` cuts the model into one slice more."""
+"""Training steps a pull may take before ``auto`` cuts the model into more slices."""
 LOW = 0.75
-"""Training steps under which ``auto`` cuts the model into one slice fewer."""
+"""Training steps under which ``auto`` cuts the model into fewer slices."""
+TARGET = 1.5
+"""Training steps ``auto`` aims a pull at when it rescales the count."""
 _STEP_MEMORY = 0.9  # weight of the old step interval in its running average
 _MAX_GAP = 60.0  # a longer pause between two steps (evaluation, a checkpoint) is not a step
 
@@ -77,8 +81,7 @@ class SliceSchedule:
         if not (self.auto and over_tcp and self.step_s):
             return
         steps = elapsed / self.step_s
-        if steps > HIGH and self.slices < self._limit:
-            self.slices += 1
-        elif steps < LOW and self.slices > 1:
-            self.slices -= 1
+        if steps > HIGH or (steps < LOW and self.slices > 1):
+            wanted = round(self.slices * steps / TARGET)
+            self.slices = max(1, min(self._limit, wanted))
         self.index %= self.slices

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from dpwa_core import ConfigError, Node, load_config
 from dpwa_core.errors import ProtocolError
 from dpwa_core.layout import Layout
-from dpwa_core.slices import AUTO_MAX, HIGH, LOW, SliceSchedule
+from dpwa_core.slices import AUTO_MAX, HIGH, LOW, TARGET, SliceSchedule
 from dpwa_core.wire import (
     HEADER,
     MAX_SLICES,
@@ -88,25 +88,27 @@ def test_headers_name_their_slice_and_params_hold_exactly_its_bytes() -> None:
             decode_header(data)
 
 
-def test_auto_adds_a_slice_while_pulls_are_slow_and_drops_one_when_they_are_fast() -> None:
+def test_auto_rescales_the_count_so_that_a_pull_takes_about_target_steps() -> None:
     schedule = SliceSchedule("auto", 10_000)
     assert (schedule.slices, schedule.index) == (1, 0)
     for step in range(11):  # a step every 0.1 s
         schedule.stepped(100.0 + 0.1 * step)
     assert schedule.step_s == pytest.approx(0.1)
-    schedule.landed(False, True, elapsed=(HIGH + 1) * 0.1)
-    assert schedule.slices == 2
-    for _ in range(40):
-        schedule.landed(True, True, elapsed=(HIGH + 1) * 0.1)
-    assert schedule.slices == AUTO_MAX  # and no further
-    assert schedule.sliced == 40
+    schedule.landed(False, True, elapsed=6 * TARGET * 0.1)  # a whole pull took 6 x TARGET
+    assert schedule.slices == 6
     schedule.landed(True, True, elapsed=(LOW + HIGH) / 2 * 0.1)  # in between: kept
+    assert schedule.slices == 6
+    schedule.landed(True, True, elapsed=100.0)  # far too slow: as many as allowed, no more
     assert schedule.slices == AUTO_MAX
-    schedule.landed(True, True, elapsed=LOW / 2 * 0.1)
-    assert schedule.slices == AUTO_MAX - 1
-    shm = schedule.slices
+    schedule.landed(True, True, elapsed=LOW / 2 * 0.1)  # fast: fewer
+    assert schedule.slices == round(AUTO_MAX * LOW / 2 / TARGET)
+    schedule.landed(True, True, elapsed=0.001)
+    assert schedule.slices == 1
+    schedule.landed(False, True, elapsed=0.001)  # whole and fast: stays whole
+    assert schedule.slices == 1
+    assert schedule.sliced == 4
     schedule.landed(False, False, elapsed=10.0)  # a shared-memory pull says nothing of links
-    assert schedule.slices == shm
+    assert schedule.slices == 1
 
 
 def test_a_fixed_count_cycles_through_its_slices_and_never_changes() -> None:
