@@ -158,6 +158,8 @@ SYSTEMS = {
     "dpwa-int8": System("dpwa", "int8", {"wire_dtype": "int8"}),
     "dpwa-nodrift": System("dpwa", "nodrift", {"drift_correction": 0}),
     "dpwa-whole": System("dpwa", "whole", {"pull_slices": 1}),
+    "dpwa-auto": System("dpwa", "auto", {"pull_slices": "auto"}),
+    "dpwa-si": System("dpwa", "si", {"switch_interval": 0.0005}),
     "dpwa-s4": System("dpwa", "s4", {"pull_slices": 4}),
     "dpwa-s4-nodrift": System("dpwa", "s4_nodrift", {"pull_slices": 4, "drift_correction": 0}),
     "dpwa-d01": System("dpwa", "d01", {"drift_correction": 0.1}),

@@ -12,7 +12,7 @@ A config is a YAML mapping::
     interpolation: constant    # an installed strategy: see `dpwa plugins`
     divergence_threshold: 0    # 0 disables
     drift_correction: 0.2      # learn the steady pull of the peers (skewed data); 0 disables
-    pull_slices: auto          # pull one slice of the model at a time over TCP (1: whole)
+    pull_slices: 1             # whole-model pulls; auto: one slice at a time on slow links
     constant: {value: 0.5}     # options of a strategy, one section per strategy name
     reject_nonfinite: true     # refuse received parameters holding NaN or Inf
     auth: {secret_env: DPWA_SECRET}                 # optional shared-secret handshake
@@ -140,8 +140,9 @@ class Config:
             its peers and adds it to its blends (:mod:`dpwa_core.drift`: closes the gap that
             label-skewed shards leave between nodes); 0 disables.
         pull_slices: how many slices a non-blocking pull over TCP asks for one of, cycling
-            through them: an integer from 1 (whole-model pulls) to 64, or ``auto`` (as many as
-            it takes for a slice to land within about two training steps, measured as it runs).
+            through them: an integer from 1 (whole-model pulls, the default) to 64, or ``auto``
+            (as many as it takes for a slice to land within about two training steps, measured
+            as it runs).
         methods: options per strategy name, e.g. ``{"constant": {"value": 0.5}}``.
         reject_nonfinite: refuse received parameters that hold NaN or Inf.
         transport: ``auto`` (shared memory with peers on this host, TCP otherwise), ``tcp``
@@ -170,7 +171,7 @@ class Config:
     interpolation: str = "constant"
     divergence_threshold: float = 0.0
     drift_correction: float = 0.2
-    pull_slices: int | str = "auto"
+    pull_slices: int | str = 1
     # Not hashed: sections may hold lists. Equal configs still hash equal without them.
     methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     reject_nonfinite: bool = True

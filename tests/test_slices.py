@@ -127,8 +127,9 @@ def test_a_fixed_count_cycles_through_its_slices_and_never_changes() -> None:
 
 
 def test_config_default_and_range(make_cluster: Cluster) -> None:
-    assert load_config(make_cluster(2)).pull_slices == "auto"
+    assert load_config(make_cluster(2)).pull_slices == 1
     assert load_config(make_cluster(2, pull_slices=8)).pull_slices == 8
+    assert load_config(make_cluster(2, pull_slices="auto")).pull_slices == "auto"
     for bad in (0, MAX_SLICES + 1, 2.5, "many", True, None):
         with pytest.raises(ConfigError, match="pull_slices"):
             load_config(make_cluster(2, pull_slices=bad))

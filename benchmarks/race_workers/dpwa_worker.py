@@ -5,7 +5,9 @@ host R of the lab. The cluster is nodes ``n0..n{world-1}`` at ``hosts[i]:base_po
 dpwa's defaults, overridden by ``spec["options"]``; the option ``api`` is the worker's own:
 ``"step"`` (the default when ``Gossip.step`` exists) calls ``gossip.step(loss, samples=batch)``
 once after ``optimizer.step()``; ``"send_wait"`` calls ``update_send`` before the forward pass
-and ``update_wait`` after ``optimizer.step()``. Blocked time is measured around those calls.
+and ``update_wait`` after ``optimizer.step()``; ``switch_interval`` (seconds) sets this process's
+``sys.setswitchinterval``, to measure how much the training thread waits for the GIL while
+dpwa's threads work. Blocked time is measured around those calls.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import race_common as rc  # noqa: E402
 
 import dpwa_core  # noqa: E402
 
-_WORKER_OPTIONS = ("api",)
+_WORKER_OPTIONS = ("api", "switch_interval")
 
 
 def _config(spec: dict) -> dict:
@@ -34,6 +36,9 @@ def _config(spec: dict) -> dict:
 
 def main() -> None:
     spec, rank = rc.worker_args(__doc__)
+    interval = (spec.get("options") or {}).get("switch_interval")
+    if interval:
+        sys.setswitchinterval(float(interval))
     config = _config(spec)
     run = rc.setup(spec, rank, seed_offset=rank if config.get("start") == "own" else 0)
     gossip = dpwa_core.connect(run.model, config, f"n{rank}")
