@@ -172,7 +172,11 @@ def test_shared_start_copies_the_first_node_and_never_spreads_a_joiner(
             )
 
         steps_until(params, all_joined)
-        assert joined == {"w1": "w1", "w2": "w1", "w3": "w1"}
+        # w1 starts the model; a joiner copies w1, or a joiner that already copied w1 when w1
+        # was busy sending (IF_IDLE spreads joiners over the nodes that have the model).
+        assert joined["w1"] == "w1", joined
+        assert joined["w2"] in ("w1", "w3") and joined["w3"] in ("w1", "w2"), joined
+        assert "w1" in (joined["w2"], joined["w3"]), joined
         for node, values in params.items():
             # No node's starting weights reached any model: all hold w1's exactly.
             assert np.all(values == 1.0), (node.name, values[:3])
