@@ -622,14 +622,25 @@ class Node:
             self._drift.apply(lead, factor, steps * ticket.slices, offset=ticket.span[0])
 
     def _add_current(self, ticket: Ticket, current: Source | None) -> None:
-        """Turn a staleness-corrected answer (``peer - reference``) into what to blend toward."""
+        """Turn a staleness-corrected answer (``peer - reference``) into what to blend toward.
+
+        For a slice, the lead is added on the slice only and the rest of the buffer is our
+        model itself, so the blend leaves it as it is.
+        """
         if not ticket.delta:
             return
         assert self._puller is not None and self._puller.reference is not None
         reference = self._puller.reference  # free now: the pull is over
         if current is not None:
             _filler(current)(reference)
-        add_inplace(self._puller.buffer, reference)
+        buffer = self._puller.buffer
+        if ticket.span is None:
+            add_inplace(buffer, reference)
+            return
+        first, stop = ticket.span
+        buffer[:first] = reference[:first]
+        buffer[stop:] = reference[stop:]
+        add_inplace(buffer[first:stop], reference[first:stop])
 
     def _result(self, ticket: Ticket, factor: float, behind: int) -> PullResult:
         assert self._puller is not None  # a ticket exists, so the puller was started

@@ -497,10 +497,9 @@ class Puller:
         if self._on_received is not None and not ticket.join:  # a joiner copies its sponsor
             self._on_received(part, peer.name, None if reference is None else reference[first:stop])
         if reference is not None:
-            # The peer's lead over our past self; none outside the slice that came.
+            # The peer's lead over our past self. Outside a slice the buffer is stale until
+            # the node fills it with our model (Node._add_current); nothing reads it before.
             subtract_inplace(part, reference[first:stop])
-            self.buffer[:first] = 0
-            self.buffer[stop:] = 0
             if self._on_lead is not None and not ticket.join:
                 self._on_lead(part, ticket, clock, loss)
         # Each peer's average TCP pull time, for stats (a shared-memory read is no link).

@@ -300,3 +300,30 @@ def test_an_answer_with_another_slice_than_asked_is_refused(
     finally:
         node.close()
         listener.close()
+
+
+def test_gossip_step_on_a_torch_model_blends_one_slice_at_a_time(make_cluster: Cluster) -> None:
+    """The adapter path (``connect``): a slice pull changes that slice of the model only."""
+    torch = pytest.importorskip("torch")
+    import dpwa_core
+
+    config = make_cluster(2, transport="tcp", pull_slices=2, drift_correction=0)
+    mine, theirs = torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)  # 110 parameters
+    with torch.no_grad():
+        for p in mine.parameters():
+            p.zero_()
+        for p in theirs.parameters():
+            p.fill_(1.0)
+    with dpwa_core.connect(mine, config, "w1") as a, dpwa_core.connect(theirs, config, "w2") as b:
+        b.node.publish(b.adapter.to_flat(theirs), 1.0)  # w2 serves ones and never blends
+        changed = []
+        deadline = time.monotonic() + 30
+        while len(changed) < 3 and time.monotonic() < deadline:
+            before = a.adapter.to_flat(mine).copy()
+            last = a.last
+            a.step(1.0)
+            if a.last is not last:
+                moved = np.flatnonzero(a.adapter.to_flat(mine) != before)
+                changed.append((int(moved.min()), int(moved.max()) + 1))
+            time.sleep(0.005)
+    assert changed == [(0, 55), (55, 110), (0, 55)], changed
