@@ -29,6 +29,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from dpwa_core.delta import add_scaled_inplace
 from dpwa_core.errors import AdapterError
 from dpwa_core.layout import Layout
 from dpwa_core.optimizer_state import OptimizerLayout, OptT
@@ -47,6 +48,7 @@ __all__ = [
     "unregister_adapter",
     "validate_factor",
     "validate_flat",
+    "validate_span",
 ]
 
 ENTRY_POINT_GROUP = "dpwa.adapters"
@@ -204,6 +206,61 @@ class Adapter(abc.ABC):
         lerp_inplace(blended, peer, weight)
         return self.from_flat(state, blended)
 
+    def add_scaled(
+        self, state: StateT, values: FlatArray, factor: float, *, offset: int = 0
+    ) -> StateT:
+        """Add ``factor * values`` to the model's elements ``offset`` to ``offset + len(values)``.
+
+        How a staleness-corrected pull is blended (:mod:`dpwa_core.delta`): ``values`` is the
+        peer's lead over our model at the request, for the whole model or one slice of it
+        (:mod:`dpwa_core.slices`). Saturating: finite in, finite out. This default goes through
+        :meth:`to_flat` and :meth:`from_flat` (one model-sized vector); adapters of frameworks
+        with mutable tensors override it to touch only the tensors the range covers, in place.
+
+        Args:
+            state: a model this adapter handles.
+            values: 1-D float32, at most ``layout(state).size - offset`` elements.
+            factor: how much of the lead to take, in ``[0, 1]``.
+            offset: the flat index of ``values[0]``.
+
+        Returns:
+            The updated state (see :meth:`from_flat`).
+
+        Raises:
+            AdapterError: ``values``, ``offset`` or ``factor`` is invalid; the model is left
+                untouched.
+        """
+        stop = validate_span(values, offset, self.layout(state))
+        weight = validate_factor(factor)
+        flat = self.to_flat(state)
+        add_scaled_inplace(flat[offset:stop], values, weight)
+        return self.from_flat(state, flat)
+
+    def read_span(self, state: object, out: FlatArray, offset: int = 0) -> FlatArray:
+        """Copy the model's flat elements ``offset`` to ``offset + len(out)`` into ``out``.
+
+        What a slice pull keeps of our model at its request. This default copies the whole
+        model (:meth:`to_flat`) and keeps the range; adapters override it to read only the
+        tensors the range covers.
+
+        Args:
+            state: a model this adapter handles.
+            out: writable 1-D float32 array; its length is the range's.
+            offset: the flat index of the range's first element.
+
+        Returns:
+            ``out``.
+
+        Raises:
+            AdapterError: ``out`` or ``offset`` is invalid.
+        """
+        layout = self.layout(state)
+        stop = validate_span(out, offset, layout, name="out", writable=True)
+        if offset == 0 and stop == layout.size and out.flags.c_contiguous:
+            return self.to_flat(state, out)
+        np.copyto(out, self.to_flat(state)[offset:stop])
+        return out
+
     def callback(self, gossip: Any, **options: Any) -> object:
         """Return the framework's idiomatic training hook that drives ``gossip``.
 
@@ -358,6 +415,41 @@ def validate_flat(
             f"allocate it with np.empty({layout.size}, dtype=np.float32)"
         )
     return flat
+
+
+def validate_span(
+    values: object, offset: int, layout: Layout, *, name: str = "values", writable: bool = False
+) -> int:
+    """Check a 1-D float32 array meant for the flat elements from ``offset`` on; return the end.
+
+    Args:
+        values: the candidate array.
+        offset: the flat index of its first element.
+        layout: the model's layout.
+        name: what to call the array in error messages.
+        writable: also require a writable, C-contiguous array (for ``out=`` buffers).
+
+    Raises:
+        AdapterError: ``values`` is not a 1-D float32 array (or not writable and contiguous,
+            when asked), or the range leaves the model.
+    """
+    if not isinstance(values, np.ndarray) or values.dtype != np.float32 or values.ndim != 1:
+        got = (
+            f"dtype {values.dtype}, shape {values.shape}"
+            if isinstance(values, np.ndarray)
+            else type(values).__name__
+        )
+        raise AdapterError(f"{name} must be a 1-D float32 numpy array, got {got}")
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+        raise AdapterError(f"offset must be an int, got {type(offset).__name__}")
+    stop = int(offset) + values.size
+    if offset < 0 or stop > layout.size:
+        raise AdapterError(
+            f"{name} covers elements {offset}:{stop}, outside the model's {layout.size}"
+        )
+    if writable and not (values.flags.writeable and values.flags.c_contiguous):
+        raise AdapterError(f"{name} must be a writable, C-contiguous array")
+    return stop
 
 
 def validate_factor(factor: float) -> float:

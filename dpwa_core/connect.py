@@ -101,14 +101,20 @@ class Gossip(Generic[State]):
         if self.blocking:
             node.publish(self._fill, loss, samples=samples)
             node.start_pull(blocking=True)
-        result = node.collect(loss, wait=self.blocking, current=self._fill)
+        result = node.collect(loss, wait=self.blocking, lead=True)
         if result is not None:
             self.last = result
-            self.state = self.adapter.interpolate(self.state, result.params, result.factor)
+            if result.lead:  # one pass over the pulled elements: local += factor * lead
+                first, stop = result.span or (0, result.params.size)
+                self.state = self.adapter.add_scaled(
+                    self.state, result.params[first:stop], result.factor, offset=first
+                )
+            else:
+                self.state = self.adapter.interpolate(self.state, result.params, result.factor)
         self._optimizer_state()
         if not self.blocking:
             node.publish(self._fill, loss, samples=samples, lazy=True)
-            node.start_pull(current=self._fill)
+            node.start_pull(current=self._fill, current_span=self._fill_span)
         return self.state
 
     def update_send(self, loss: float, state: State | None = None, *, samples: int = 1) -> None:
@@ -189,6 +195,9 @@ class Gossip(Generic[State]):
 
     def _fill(self, out: np.ndarray) -> None:
         self.adapter.to_flat(self.state, out=out)
+
+    def _fill_span(self, out: np.ndarray, offset: int) -> None:
+        self.adapter.read_span(self.state, out, offset)
 
     def _fill_optimizer(self, out: np.ndarray) -> None:
         self.adapter.optimizer_to_flat(self.optimizer, self.state, out=out)

@@ -11,8 +11,11 @@ steps, half of every 20 steps' work. So a non-blocking pull keeps a copy of our 
 
 which is the blend that would have happened at ``t0`` with our steps since then replayed on top.
 The puller turns its receive buffer into ``peer_t0 - local_t0`` (after clipping it, see
-:mod:`dpwa_core.robust`); the training thread adds ``local_now`` back when it blends, so the
-adapters blend toward ``local_now + (peer_t0 - local_t0)`` with their ordinary interpolation.
+:mod:`dpwa_core.robust`), the *lead*. Since ``local_now`` is the model itself, the blend is one
+pass on the training thread: ``local += f * lead`` (:func:`add_scaled_inplace`, or an adapter's
+``add_scaled``), on the slice's elements only for a slice pull (:mod:`dpwa_core.slices`). A
+caller that wants a vector to blend toward instead gets ``local_now + lead`` (``Node.collect``
+with ``current``), which the adapters blend with their ordinary interpolation.
 
 Both passes work a block at a time (no model-sized temporary) and saturate: finite in, finite
 out, a block whose float32 result would overflow is recomputed in float64 and clamped to
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["add_inplace", "subtract_inplace"]
+__all__ = ["add_inplace", "add_scaled_inplace", "subtract_inplace"]
 
 _CHUNK = 64 * 1024
 _MAX = float(np.finfo(np.float32).max)
@@ -55,6 +58,39 @@ def _combine(out: np.ndarray, other: np.ndarray, sign: float) -> np.ndarray:
                 # Overflowed (or a NaN came in): redo the block in float64 and clamp.
                 wide = mine.astype(np.float64) + sign * theirs.astype(np.float64)
                 np.clip(wide, -_MAX, _MAX, out=wide)
+                result[...] = wide
+            mine[...] = result
+    return out
+
+
+def add_scaled_inplace(out: np.ndarray, values: np.ndarray, factor: float) -> np.ndarray:
+    """``out += factor * values`` for 1-D float32 arrays, saturating; returns ``out``.
+
+    A block at a time, like :func:`add_inplace`: finite in, finite out (a block whose float32
+    result would overflow is recomputed in float64 and clamped to float32's range, and an element
+    that would be NaN keeps its value), and factor 0 leaves ``out`` as it is.
+
+    Raises:
+        ValueError: the shapes differ or ``out`` is read-only.
+    """
+    if out.shape != values.shape:
+        raise ValueError(f"cannot combine arrays of shapes {out.shape} and {values.shape}")
+    if not out.flags.writeable:
+        raise ValueError("the array to add into is read-only")
+    if factor == 0:
+        return out
+    weight = np.float32(factor)
+    scratch = np.empty(min(_CHUNK, out.size), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, out.size, _CHUNK):
+            mine, theirs = out[start : start + _CHUNK], values[start : start + _CHUNK]
+            result = scratch[: mine.size]
+            np.multiply(theirs, weight, out=result)
+            result += mine
+            if not np.isfinite(result).all():
+                wide = mine.astype(np.float64) + float(factor) * theirs.astype(np.float64)
+                np.clip(wide, -_MAX, _MAX, out=wide)
+                np.copyto(wide, mine, where=np.isnan(wide))  # a NaN value moves nothing
                 result[...] = wide
             mine[...] = result
     return out

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from dpwa_core import shm
 from dpwa_core._log import OncePerPeer, get_logger
 from dpwa_core.adapters import lerp_inplace
 from dpwa_core.config import Config, load_config
-from dpwa_core.delta import add_inplace
+from dpwa_core.delta import add_inplace, add_scaled_inplace
 from dpwa_core.drift import DriftCorrection
 from dpwa_core.layout import Layout
 from dpwa_core.peers import PeerTable
@@ -47,13 +47,15 @@ from dpwa_core.snapshot import SnapshotBuffer
 from dpwa_core.state_share import StateLayout, StateShare
 from dpwa_core.swarm import SwarmProgress, SwarmTracker
 from dpwa_core.tls import client_context, server_context
-from dpwa_core.wire import transfer_deadline
+from dpwa_core.wire import slice_bounds, transfer_deadline
 
 __all__ = ["Node", "PullResult"]
 
 _log = get_logger("node")
 Source = np.ndarray | Callable[[np.ndarray], object]
 """A model given to the node: a 1-D float32 array, or ``fill(out)`` writing it into ``out``."""
+SpanSource = Callable[[np.ndarray, int], object]
+"""``fill(out, offset)``: writes the model's elements ``offset`` to ``offset + len(out)``."""
 _JOIN_RETRY = 0.02  # seconds between join rounds that found no model
 _JOIN_BUSY_RETRY = 0.1  # ... and after one whose only models were busy being sent elsewhere
 _JOIN_PATIENCE = 30.0  # seconds after which a joining node starts its own model anyway
@@ -91,6 +93,13 @@ class PullResult:
     joined: bool = False
     """The pull was this node's catch-up copy (``start: shared``): factor 1, the peer's clock
     taken as ours."""
+    lead: bool = False
+    """``params`` holds the peer's lead over our model at the request (asked for with
+    ``collect(lead=True)``): blend it as ``local += factor * params`` (on :attr:`span`)."""
+    span: tuple[int, int] | None = None
+    """The elements the pull covered, ``(first, stop)``: one slice of the model
+    (:mod:`dpwa_core.slices`); None for the whole model. Outside it ``params`` is our own
+    model when ``collect`` was given ``current``, and means nothing otherwise."""
 
     def blend_into(self, params: np.ndarray) -> np.ndarray:
         """Blend the peer's parameters into ``params`` in place and return ``params``.
@@ -99,7 +108,8 @@ class PullResult:
         a time (:func:`~dpwa_core.adapters.lerp_inplace`): no model-sized temporary, factor 0
         keeps ``params`` and 1 gives the peer's exactly, and finite values never blend into
         Inf or NaN (the naive formula overflows float32 when ``params`` and the peer lie far
-        apart, e.g. -3e38 and +3e38).
+        apart, e.g. -3e38 and +3e38). For a :attr:`lead`, ``params[span] += factor *
+        self.params[span]`` (:func:`~dpwa_core.delta.add_scaled_inplace`, saturating).
 
         Args:
             params: the node's writable float32 parameters, of the snapshot's size.
@@ -107,7 +117,15 @@ class PullResult:
         Raises:
             ValueError: ``params`` has another shape or is read-only.
         """
-        return lerp_inplace(params, self.params, self.factor)
+        if not self.lead:
+            return lerp_inplace(params, self.params, self.factor)
+        if params.shape != self.params.shape:
+            raise ValueError(
+                f"cannot blend arrays of shapes {params.shape} and {self.params.shape}"
+            )
+        first, stop = self.span or (0, params.size)
+        add_scaled_inplace(params[first:stop], self.params[first:stop], self.factor)
+        return params
 
 
 class Node:
@@ -325,7 +343,7 @@ class Node:
             if result is not None:
                 result.blend_into(params)
             return result
-        result = self.collect(loss, current=params)
+        result = self.collect(loss, lead=True)
         if result is not None:
             result.blend_into(params)
         self.publish(params, loss, samples=samples, lazy=True)
@@ -451,7 +469,13 @@ class Node:
             self._join_s += waited
             self._blocked = blocked + waited  # the waits for its pulls are part of it
 
-    def start_pull(self, *, blocking: bool = False, current: Source | None = None) -> bool:
+    def start_pull(
+        self,
+        *,
+        blocking: bool = False,
+        current: Source | None = None,
+        current_span: SpanSource | None = None,
+    ) -> bool:
         """Start a pull from a peer unless one is in flight; collect it with :meth:`collect`.
 
         Starts one with probability ``pull_probability``. While the node joins (``start:
@@ -466,6 +490,9 @@ class Node:
             current: the model as it is now (an array, or ``fill(out)``). With it (and not
                 ``blocking``) the pull is staleness-corrected (:mod:`dpwa_core.delta`): a copy
                 is kept, and :meth:`collect` hands out ``current_then + (peer - copy)``.
+            current_span: reads a range of the model (``fill(out, offset)``): with it (or an
+                array as ``current``) a slice pull keeps a copy of its slice only, once every
+                peer is known to be reached over TCP (a co-located peer is pulled whole).
 
         Returns:
             Whether a pull started.
@@ -500,11 +527,27 @@ class Node:
         elif self._rng.random() >= self.config.pull_probability:
             return False
         delta = current is not None and not blocking
+        slicing = self._slicing if delta and not join else None
+        partial = False
         if current is not None and not blocking:
             if self._puller.reference is None:
                 self._puller.reference = np.empty(self._layout.size, np.float32)
-            _filler(current)(self._puller.reference)  # no pull is in flight: ours to write
-        slicing = self._slicing if delta and not join else None
+            reference = self._puller.reference  # no pull is in flight: ours to write
+            if isinstance(current, np.ndarray) and current_span is None:
+                array = current
+                current_span = lambda out, offset: np.copyto(out, array[offset : offset + out.size])  # noqa: E731
+            partial = (
+                slicing is not None
+                and slicing.slices > 1
+                and current_span is not None
+                and self._puller.over_tcp(self._addresses(names))
+            )
+            if partial:
+                assert slicing is not None and current_span is not None
+                first, stop = slice_bounds(self._layout.size, slicing.slices, slicing.index)
+                current_span(reference[first:stop], first)
+            else:
+                _filler(current)(reference)
         self._pending = Ticket(
             deadline,
             self.clock,
@@ -515,12 +558,18 @@ class Node:
             if_idle=if_idle,
             slices=slicing.slices if slicing else 0,
             slice_index=slicing.index if slicing else 0,
+            partial=partial,
         )
         self._puller.submit(self._pending)
         return True
 
     def collect(
-        self, loss: float, *, wait: bool = False, current: Source | None = None
+        self,
+        loss: float,
+        *,
+        wait: bool = False,
+        current: Source | None = None,
+        lead: bool = False,
     ) -> PullResult | None:
         """Hand out the pull that :meth:`start_pull` started, once it has landed.
 
@@ -534,6 +583,11 @@ class Node:
                 model at the request)``, plus the drift correction divided by the factor
                 (``drift_correction``, :mod:`dpwa_core.drift`). Without it they are the
                 (clipped) peer's, plus that correction.
+            lead: for a staleness-corrected pull, hand out the peer's lead itself (``peer -
+                model at the request``, plus the drift correction divided by the factor) with
+                ``PullResult.lead`` set, for ``local += factor * lead`` on ``PullResult.span``:
+                one pass over the pulled elements, where ``current`` costs a copy of the whole
+                model and an addition. ``current`` is then not used.
 
         Returns:
             The peer's snapshot and the factor to blend it with (see :meth:`update_wait`), or
@@ -560,8 +614,8 @@ class Node:
             self._state_pulled(ticket)
             return None
         if ticket.join:
-            joined = self._joined(ticket, self._steps - ticket.step + (0 if wait else 1))
-            if joined is not None:
+            joined = self._joined(ticket, self._steps - ticket.step + (0 if wait else 1), lead)
+            if joined is not None and not lead:
                 self._add_current(ticket, current)
             return joined
         if ticket.outcome is not Outcome.OK:
@@ -587,8 +641,9 @@ class Node:
             self._slicing.landed(ticket.span is not None, ticket.over_tcp, ticket.elapsed)
         self.clock += factor * share * (peer_clock - self.clock)
         self._last_blend_step = self._steps
-        self._add_current(ticket, current)
-        return self._result(ticket, factor, behind)
+        if not lead:
+            self._add_current(ticket, current)
+        return self._result(ticket, factor, behind, lead)
 
     def _factor(self, peer_clock: float, peer_loss: float) -> float:
         """The interpolation factor for a pull: the strategy's, then the divergence rule."""
@@ -598,6 +653,12 @@ class Node:
             # Near convergence, take less from peers so models can settle (the seed's rule).
             factor *= max(self.loss, 0.0) / threshold
         return factor
+
+    def _addresses(self, names: list[str]) -> Iterator[tuple[str, int]]:
+        for name in names:
+            peer = self._peers.get(name)
+            if peer is not None:
+                yield peer.address
 
     def _correct_drift(self, lead: np.ndarray, ticket: Ticket, clock: float, loss: float) -> None:
         """Add the drift correction to a landed pull's lead (on the puller's thread).
@@ -642,7 +703,7 @@ class Node:
         buffer[stop:] = reference[stop:]
         add_inplace(buffer[first:stop], reference[first:stop])
 
-    def _result(self, ticket: Ticket, factor: float, behind: int) -> PullResult:
+    def _result(self, ticket: Ticket, factor: float, behind: int, lead: bool = False) -> PullResult:
         assert self._puller is not None  # a ticket exists, so the puller was started
         params = self._puller.buffer.view()  # already clipped, on the puller's thread
         params.flags.writeable = False
@@ -655,9 +716,11 @@ class Node:
             ticket.elapsed,
             behind,
             joined=ticket.join != () and ticket.outcome is Outcome.OK,
+            lead=lead and ticket.delta,
+            span=ticket.span,
         )
 
-    def _joined(self, ticket: Ticket, behind: int) -> PullResult | None:
+    def _joined(self, ticket: Ticket, behind: int, lead: bool = False) -> PullResult | None:
         """Finish a join round: copy the peer's model, start the cluster's, or ask again."""
         now = time.monotonic()
         if ticket.outcome is Outcome.OK:
@@ -672,7 +735,7 @@ class Node:
                 ticket.peer,
                 ticket.peer_clock,
             )
-            return self._result(ticket, 1.0, behind)
+            return self._result(ticket, 1.0, behind, lead)
         mine = [n.name for n in self.config.nodes].index(self.name)
         before = {n.name for n in self.config.nodes[:mine]}
         waited = now - self._join_started

@@ -27,7 +27,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,8 +102,11 @@ class Ticket:
     slices: int = 0
     """Staleness-corrected pulls only: ask a peer reached over TCP for slice ``slice_index``
     of the model cut into this many (:func:`~dpwa_core.wire.slice_bounds`); 0 or 1: the whole
-    model. A co-located peer (shared memory) is always pulled whole."""
+    model. A co-located peer (shared memory) is pulled whole, unless :attr:`partial`."""
     slice_index: int = 0
+    partial: bool = False
+    """The node filled the ``reference`` on the asked slice only: the pull must be that slice,
+    so it goes over TCP even to a co-located peer."""
     span: tuple[int, int] | None = None
     """Set by the puller: the element range the answer covered; None for the whole model."""
     over_tcp: bool = False
@@ -516,6 +519,14 @@ class Puller:
             )
         return Outcome.OK, {"peer_clock": clock, "peer_loss": loss, "elapsed": elapsed}
 
+    def over_tcp(self, addresses: Iterable[tuple[str, int]]) -> bool:
+        """Whether a pull from any of these peers goes over TCP: shared memory is off, or each
+        one's segment was found not to be on this host (any thread may ask)."""
+        if self.transport == "tcp":
+            return True
+        no_shm = self._no_shm
+        return self.transport != "shm" and all(address in no_shm for address in addresses)
+
     def _soon(self, deadline: float) -> float:
         """The deadline for a step that should be quick (connecting, a header): ``idle``."""
         if self.idle is None:
@@ -524,7 +535,9 @@ class Puller:
 
     def _exchange(self, peer: Peer, ticket: Ticket, flags: int = 0) -> tuple[float, float]:
         """Send PULL with ``flags``, receive the answer; returns the peer's (clock, loss)."""
-        offer_shm = self.transport != "tcp" and peer.address not in self._no_shm
+        offer_shm = (
+            self.transport != "tcp" and peer.address not in self._no_shm and not ticket.partial
+        )
         ticket.span, ticket.over_tcp = None, True
         if ticket.delta and not ticket.join and ticket.slices > 1 and not offer_shm:
             ticket.span = slice_bounds(self.layout.size, ticket.slices, ticket.slice_index)

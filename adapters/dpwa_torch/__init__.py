@@ -50,11 +50,12 @@ from dpwa_core.adapters import (
     output_flat,
     validate_factor,
     validate_flat,
+    validate_span,
 )
 from dpwa_core.layout import Layout
 from dpwa_core.optimizer_state import OptimizerLayout, OptT
 from dpwa_torch import _optimizer
-from dpwa_torch._blend import lerp_
+from dpwa_torch._blend import add_, lerp_
 from dpwa_torch._flat import active, flat_buffer, flatten_, why_not
 from dpwa_torch._plan import is_tensor_dict, plan_for
 
@@ -250,6 +251,103 @@ class TorchAdapter(Adapter):
                 info = torch.finfo(tensor.dtype)
                 tensor.copy_(blended.clamp_(info.min, info.max))
         return state
+
+    def add_scaled(
+        self, state: StateT, values: FlatArray, factor: float, *, offset: int = 0
+    ) -> StateT:
+        """Add ``factor * values`` to the flat elements from ``offset`` on, in place.
+
+        Touches only the tensors the range covers: a flattened module is updated as one slice
+        of its flat tensor (one ``add_``), other modules tensor by tensor (a tensor the range
+        covers in part, or of a narrower dtype, through a float32 copy of it). Finite in,
+        finite out (:func:`dpwa_torch._blend.add_`); float16 and bfloat16 tensors are clamped
+        into their range.
+
+        Args:
+            state: a module or a dict of tensors.
+            values: 1-D float32, the lead for elements ``offset`` to ``offset + len(values)``.
+            factor: how much of it to add, in ``[0, 1]``.
+            offset: the flat index of ``values[0]``.
+
+        Returns:
+            ``state`` itself, updated.
+
+        Raises:
+            AdapterError: ``values``, ``offset`` or ``factor`` is invalid; nothing is written.
+        """
+        plan = plan_for(state)
+        stop = validate_span(values, offset, plan.layout)
+        weight = validate_factor(factor)
+        source = _as_tensor(values)
+        record = active(state, plan)
+        with torch.no_grad():
+            if record is not None:
+                record.gather()
+                add_(record.flat[offset:stop], source, weight, values)
+                record.scatter()
+                return state
+            canonical_views = plan.slices()
+            for (tensor, start, end, shape, inverse), (view, *_) in zip(
+                plan.native_slices(), canonical_views, strict=True
+            ):
+                low, high = max(start, offset), min(end, stop)
+                if low >= high:
+                    continue
+                part, array = (
+                    source[low - offset : high - offset],
+                    values[low - offset : high - offset],
+                )
+                if (low, high) == (start, end) and tensor.dtype in (torch.float32, torch.float64):
+                    lead = _native_view(part, shape, inverse)
+                    lead = lead.to(device=tensor.device, dtype=tensor.dtype)
+                    add_(tensor, lead, weight, array)
+                    continue
+                # Covered in part, or a narrower dtype: update a float32 canonical copy.
+                copy = torch.empty(end - start, dtype=torch.float32)
+                copy.view(shape).copy_(view)
+                add_(copy[low - start : high - start], part, weight, array)
+                if tensor.dtype not in (torch.float32, torch.float64):
+                    info = torch.finfo(tensor.dtype)
+                    copy.clamp_(info.min, info.max)
+                tensor.copy_(_native_view(copy, shape, inverse))
+        return state
+
+    def read_span(self, state: object, out: FlatArray, offset: int = 0) -> FlatArray:
+        """Copy the flat elements ``offset`` to ``offset + len(out)`` into ``out``.
+
+        Reads only the tensors the range covers (a flattened module: one slice copy).
+
+        Args:
+            state: a module or a dict of tensors.
+            out: writable, C-contiguous 1-D float32 array.
+            offset: the flat index of the range's first element.
+
+        Returns:
+            ``out``.
+
+        Raises:
+            AdapterError: ``out`` or ``offset`` is invalid.
+        """
+        plan = plan_for(state)
+        stop = validate_span(out, offset, plan.layout, name="out", writable=True)
+        target = torch.from_numpy(out)
+        record = active(state, plan)
+        with torch.no_grad():
+            if record is not None:
+                record.gather()
+                target.copy_(record.flat[offset:stop])
+                return out
+            for tensor, start, end, shape in plan.slices():
+                low, high = max(start, offset), min(end, stop)
+                if low >= high:
+                    continue
+                if (low, high) == (start, end):
+                    target[start - offset : end - offset].view(shape).copy_(tensor)
+                    continue
+                copy = torch.empty(end - start, dtype=torch.float32)
+                copy.view(shape).copy_(tensor)
+                target[low - offset : high - offset].copy_(copy[low - start : high - start])
+        return out
 
     def optimizer_layout(self, optimizer: object, state: object) -> OptimizerLayout:
         """Describe a ``torch.optim.Optimizer``'s state on ``state``, in buffer order.

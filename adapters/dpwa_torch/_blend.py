@@ -14,6 +14,10 @@ the bound by ``lerp_``, the others in float64, rounded back. On other devices, w
 bound back would wait for the device, every chunk is blended as halves,
 ``2 * lerp(a / 2, b / 2, w)``: the difference of the halves cannot overflow, and the result
 equals ``lerp(a, b, w)`` bit for bit wherever the halves are normal numbers.
+
+:func:`add_` (``a += w * b``, how a staleness-corrected pull is blended) rests on the same bound:
+when every ``|b| < 2**64`` the sum rounds to at most the float32 maximum, so it is one
+``add_``; otherwise ``b`` is first bounded to ``±2**64`` (NaN to 0: it moves nothing).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["bounded", "lerp_"]
+__all__ = ["add_", "bounded", "lerp_"]
 
 _CHUNK = 1024 * 1024
 """Elements per chunk (4 MiB of float32)."""
@@ -76,6 +80,29 @@ def lerp_(
         else:
             _wide_(part, other, weight)
     return target
+
+
+def add_(
+    target: torch.Tensor, values: torch.Tensor, weight: float, array: np.ndarray | None = None
+) -> torch.Tensor:
+    """``target.add_(values, alpha=weight)`` that never turns finite values into Inf or NaN.
+
+    Args:
+        target: a float32 or float64 tensor, updated in place.
+        values: a tensor of ``target``'s shape, dtype and device (the peer's lead).
+        weight: in ``[0, 1]``, already validated.
+        array: ``values`` as a 1-D float32 numpy array, when at hand: if it is within
+            ``±2**64`` (checked a block at a time) the update is one ``add_``.
+
+    Returns:
+        ``target``.
+    """
+    if weight == 0:
+        return target
+    if target.device.type == "cpu" and array is not None and bounded(array):
+        return target.add_(values, alpha=weight)
+    safe = torch.nan_to_num(values, nan=0.0).clamp_(-_BOUND, _BOUND)
+    return target.add_(safe, alpha=weight)
 
 
 def bounded(values: np.ndarray) -> bool:
