@@ -498,6 +498,8 @@ def summarize(run: dict[str, Any], times: np.ndarray, acc: np.ndarray, target: f
         summary["dpwa"]["bytes_out"] = sum(int(s.get("bytes_out") or 0) for s in stats)
         summary["dpwa"]["pulls_ok_per_rank"] = [s.get("pulls_ok") for s in stats]
         summary["dpwa"]["pull_s_per_rank"] = [s.get("pull_s") for s in stats]
+        summary["dpwa"]["pull_wait_s_per_rank"] = [s.get("pull_wait_s") for s in stats]
+        summary["dpwa"]["pull_post_s_per_rank"] = [s.get("pull_post_s") for s in stats]
         summary["dpwa"]["slices_per_rank"] = [s.get("slices") for s in stats]
         use = [_link_use(s, rate) for s, rate in zip(stats, setting.link_rates(), strict=True)]
         if not run["lab"]:

@@ -68,7 +68,8 @@ def add_scaled_inplace(out: np.ndarray, values: np.ndarray, factor: float) -> np
 
     A block at a time, like :func:`add_inplace`: finite in, finite out (a block whose float32
     result would overflow is recomputed in float64 and clamped to float32's range, and an element
-    that would be NaN keeps its value), and factor 0 leaves ``out`` as it is.
+    that would be NaN keeps its value), and factor 0 leaves ``out`` as it is. The factor is
+    rounded to float32, as the arrays are.
 
     Raises:
         ValueError: the shapes differ or ``out`` is read-only.

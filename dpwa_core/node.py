@@ -996,7 +996,10 @@ class Node:
             that found the peer up but not publishing yet; not counted as failed), ``pulls_shm`` and
             ``served_shm`` (pulls and answers through shared memory, counted in the totals too),
             ``pull_s`` (seconds with a pull in flight: bytes_in * 8 / pull_s is the link rate
-            pulls got), ``pulls_busy`` (peers that answered BUSY, so another was asked) and
+            pulls got; ``pull_wait_s`` of it from sending a request to the answer's first
+            bytes, the peer's wait for a fresh snapshot, and ``pull_post_s`` from the answer's
+            last byte to its blend being ready: clipping, the lead, drift correction),
+            ``pulls_busy`` (peers that answered BUSY, so another was asked) and
             ``served_busy`` (pulls this node answered BUSY while sending to another peer),
             ``last_factor``, ``last_age`` (peer clock minus ours at the last pull), ``clock``,
             ``steps`` (publish calls: one per training step), ``snapshots_published`` (model
@@ -1045,6 +1048,8 @@ class Node:
         stats["pulls_shm"] = self._puller.pulls_shm if self._puller else 0
         stats["served_shm"] = self._server.served_shm
         stats["pull_s"] = self._puller.pull_s if self._puller else 0.0
+        stats["pull_wait_s"] = self._puller.wait_s if self._puller else 0.0
+        stats["pull_post_s"] = self._puller.post_s if self._puller else 0.0
         stats["pulls_busy"] = self._puller.pulls_busy if self._puller else 0
         stats["served_busy"] = self._server.served_busy
         stats["snapshots_skipped"] = self._snapshots.skipped if self._snapshots else 0

@@ -263,6 +263,10 @@ class Puller:
         """Peers that answered BUSY (sending to someone else), so another one was asked."""
         self.pull_s = 0.0
         """Seconds with a pull in flight, from its start to its outcome."""
+        self.wait_s = 0.0
+        """Seconds from sending a PULL to the answer's header: the peer's snapshot wait."""
+        self.post_s = 0.0
+        """Seconds from an answer's last byte to its lead being ready (clip, lead, drift)."""
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"dpwa-puller-{name}", daemon=True)
         self._thread.start()
@@ -493,7 +497,8 @@ class Puller:
                 peer.name, reason, "%s: pull from %s failed: %s", self.name, peer.name, exc
             )
             return Outcome.FAILED, {}
-        elapsed = time.monotonic() - start  # the transfer, not what on_received does
+        received = time.monotonic()
+        elapsed = received - start  # the transfer, not what on_received does
         reference = self.reference if ticket.delta else None
         first, stop = ticket.span or (0, self.buffer.size)
         part = self.buffer[first:stop]
@@ -505,6 +510,7 @@ class Puller:
             subtract_inplace(part, reference[first:stop])
             if self._on_lead is not None and not ticket.join:
                 self._on_lead(part, ticket, clock, loss)
+        self.post_s += time.monotonic() - received
         # Each peer's average TCP pull time, for stats (a shared-memory read is no link).
         self._peers.record_success(peer.name, elapsed if self.pulls_shm == shm else None)
         failed = self._failing.pop(peer.name, 0)
@@ -654,8 +660,10 @@ class Puller:
         for attempt in range(2):
             link, fresh = self._connection(peer, self._soon(ticket.deadline))
             try:
+                sent = time.monotonic()
                 self._send(link, request, ticket.deadline)
                 recv_exact(link.sock, self._header, self._soon(ticket.deadline))
+                self.wait_s += time.monotonic() - sent
                 return link
             except ConnectionError:
                 self._close(peer.name)

@@ -72,6 +72,13 @@ def test_counters_follow_pulls_bytes_factor_age_and_scores(
         assert stats["last_factor"] == 0.25  # the constant strategy's value
         assert stats["last_age"] == 10 - 3  # peer clock minus ours, before blending
         assert stats["scores"] == {"w2": 1.0}
+        # The pull's time splits into the peer's wait, the transfer and the work after it
+        # (the puller adds it up a moment after it hands over the result).
+        wait_until(lambda: a.stats()["pull_s"] > 0.0)
+        stats = a.stats()
+        assert stats["pull_s"] < 10.0
+        assert stats["pull_wait_s"] >= 0.0 and stats["pull_post_s"] >= 0.0
+        assert stats["pull_wait_s"] + stats["pull_post_s"] <= stats["pull_s"]
         # The server counts an answer once its send returns, which may be a moment after
         # the puller has it all.
         wait_until(lambda: (b.stats()["bytes_out"], b.stats()["pulls_served"]) == (ANSWER, 1))
