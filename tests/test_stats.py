@@ -77,7 +77,8 @@ def test_counters_follow_pulls_bytes_factor_age_and_scores(
         wait_until(lambda: a.stats()["pull_s"] > 0.0)
         stats = a.stats()
         assert stats["pull_s"] < 10.0
-        assert stats["pull_wait_s"] >= 0.0 and stats["pull_post_s"] >= 0.0
+        # Both are counted: a round trip and a pass over the answer each take some time.
+        assert stats["pull_wait_s"] > 0.0 and stats["pull_post_s"] > 0.0
         assert stats["pull_wait_s"] + stats["pull_post_s"] <= stats["pull_s"]
         # The server counts an answer once its send returns, which may be a moment after
         # the puller has it all.
