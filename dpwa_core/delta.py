@@ -10,12 +10,14 @@ steps, half of every 20 steps' work. So a non-blocking pull keeps a copy of our 
     local_now + f * (peer_t0 - local_t0)
 
 which is the blend that would have happened at ``t0`` with our steps since then replayed on top.
-The puller turns its receive buffer into ``peer_t0 - local_t0`` (after clipping it, see
-:mod:`dpwa_core.robust`), the *lead*. Since ``local_now`` is the model itself, the blend is one
-pass on the training thread: ``local += f * lead`` (:func:`add_scaled_inplace`, or an adapter's
-``add_scaled``), on the slice's elements only for a slice pull (:mod:`dpwa_core.slices`). A
-caller that wants a vector to blend toward instead gets ``local_now + lead`` (``Node.collect``
-with ``current``), which the adapters blend with their ordinary interpolation.
+The puller turns its receive buffer into ``peer_t0 - local_t0``, the *lead*, a chunk at a time
+as the answer lands (:func:`subtract_squared`, which also sums the lead's squares, so clipping
+it, see :mod:`dpwa_core.robust`, needs no pass of its own). Since ``local_now`` is the model
+itself, the blend is one pass on the training thread: ``local += f * lead``
+(:func:`add_scaled_inplace`, or an adapter's ``add_scaled``), on the slice's elements only for a
+slice pull (:mod:`dpwa_core.slices`). A caller that wants a vector to blend toward instead
+gets ``local_now + lead`` (``Node.collect`` with ``current``), which the adapters blend with
+their ordinary interpolation.
 
 Both passes work a block at a time (no model-sized temporary) and saturate: finite in, finite
 out, a block whose float32 result would overflow is recomputed in float64 and clamped to
@@ -24,9 +26,11 @@ float32's range.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["add_inplace", "add_scaled_inplace", "subtract_inplace"]
+__all__ = ["add_inplace", "add_scaled_inplace", "subtract_inplace", "subtract_squared"]
 
 _CHUNK = 64 * 1024
 _MAX = float(np.finfo(np.float32).max)
@@ -35,6 +39,37 @@ _MAX = float(np.finfo(np.float32).max)
 def subtract_inplace(out: np.ndarray, other: np.ndarray) -> np.ndarray:
     """``out -= other`` for 1-D float32 arrays, saturating at float32's range; returns ``out``."""
     return _combine(out, other, -1.0)
+
+
+def subtract_squared(out: np.ndarray, other: np.ndarray, scratch: np.ndarray) -> float:
+    """``out -= other`` like :func:`subtract_inplace`, returning the result's sum of squares.
+
+    One pass while the block is in cache: how the puller turns each chunk of an answer into the
+    lead as it lands. ``scratch`` is float32 of at least ``min(out.size, 64 Ki)`` elements. The
+    sum is exact in float64 terms when float32 would overflow, and NaN when a NaN came in.
+
+    Raises:
+        ValueError: the shapes differ or ``scratch`` is too small.
+    """
+    if out.shape != other.shape or scratch.size < min(out.size, _CHUNK):
+        raise ValueError(f"cannot subtract arrays of shapes {out.shape} and {other.shape}")
+    squares = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, out.size, _CHUNK):
+            mine, theirs = out[start : start + _CHUNK], other[start : start + _CHUNK]
+            result = scratch[: mine.size]
+            np.subtract(mine, theirs, out=result)
+            chunk = float(np.dot(result, result))
+            if not math.isfinite(chunk):
+                # Overflowed (or a NaN came in): the block in float64, clamped.
+                wide = mine.astype(np.float64)
+                wide -= theirs
+                chunk = float(np.dot(wide, wide))
+                np.clip(wide, -_MAX, _MAX, out=wide)
+                result[...] = wide
+            mine[...] = result
+            squares += chunk
+    return squares
 
 
 def add_inplace(out: np.ndarray, other: np.ndarray) -> np.ndarray:

@@ -56,7 +56,15 @@ class DriftCorrection:
         self._lesson = np.empty(min(_CHUNK, size), np.float32)
         self._added = np.empty(min(_CHUNK, size), np.float32)
 
-    def apply(self, lead: np.ndarray, factor: float, steps: int, offset: int = 0) -> None:
+    def apply(
+        self,
+        lead: np.ndarray,
+        factor: float,
+        steps: int,
+        offset: int = 0,
+        *,
+        squares: float | None = None,
+    ) -> None:
         """Add the correction to a blend and learn from it, in place.
 
         Args:
@@ -69,20 +77,26 @@ class DriftCorrection:
             steps: training steps since these elements were last blended; nothing is done
                 below 1.
             offset: where ``lead`` starts in the model (0 for the whole model).
+            squares: ``||lead||**2`` when the caller knows it already (the puller sums it as
+                the answer lands), which saves a pass over the lead.
         """
         if not factor > 0 or steps < 1:
             return
         steps = min(steps, _MAX_STEPS)
         c = self.c[offset : offset + lead.size]
-        lead_sq = old_sq = 0.0
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below
-            for start in range(0, c.size, _CHUNK):
-                part = lead[start : start + _CHUNK]
-                lead_sq += float(np.dot(part, part))
-                if c.size < self.c.size:
-                    mine = c[start : start + _CHUNK]
-                    old_sq += float(np.dot(mine, mine))
-        if c.size == self.c.size:
+        whole = c.size == self.c.size
+        lead_sq = 0.0 if squares is None else squares
+        old_sq = 0.0
+        if squares is None or not whole:
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below
+                for start in range(0, c.size, _CHUNK):
+                    if squares is None:
+                        part = lead[start : start + _CHUNK]
+                        lead_sq += float(np.dot(part, part))
+                    if not whole:
+                        mine = c[start : start + _CHUNK]
+                        old_sq += float(np.dot(mine, mine))
+        if whole:
             old_sq = self._c_sq
         limit = BOUND * factor * math.sqrt(lead_sq)
         correction = steps * math.sqrt(old_sq)

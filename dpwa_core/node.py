@@ -660,7 +660,30 @@ class Node:
             if peer is not None:
                 yield peer.address
 
-    def _correct_drift(self, lead: np.ndarray, ticket: Ticket, clock: float, loss: float) -> None:
+    def _lead(self, lead: np.ndarray, peer: str, ticket: Ticket, clock: float, loss: float) -> None:
+        """Clip a landed pull's lead (robust.clip), then add the drift correction to it.
+
+        On the puller's thread. The puller summed the lead's squares as it landed, so neither
+        step needs a pass of its own to measure it.
+        """
+        assert self._puller is not None
+        squares = self._puller.lead_squares
+        if self._clipper is not None:
+            reference = self._puller.reference
+            assert reference is not None  # a staleness-corrected pull has one
+            first, stop = ticket.span or (0, lead.size)
+            # A slice of the model: distances in whole-model terms (see Clipper.clip).
+            scale = math.sqrt(self._layout.size / lead.size) if self._layout else 1.0
+            before = self._clipper.clipped
+            squares = self._clipper.clip_lead(lead, squares, peer, reference[first:stop], scale)
+            if self._clipper.clipped != before:
+                self._clipped(peer)
+        if self._drift is not None:
+            self._correct_drift(lead, ticket, clock, loss, squares)
+
+    def _correct_drift(
+        self, lead: np.ndarray, ticket: Ticket, clock: float, loss: float, squares: float
+    ) -> None:
         """Add the drift correction to a landed pull's lead (on the puller's thread).
 
         The factor is the one :meth:`collect` will compute at the next step (the same for the
@@ -677,10 +700,13 @@ class Node:
         if not 0 < factor <= 1:
             return
         steps = self._steps - self._last_blend_step + 1
+        known = squares if math.isfinite(squares) else None  # a NaN lead: measured again
         if ticket.span is None:
-            self._drift.apply(lead, factor, steps)
+            self._drift.apply(lead, factor, steps, squares=known)
         else:
-            self._drift.apply(lead, factor, steps * ticket.slices, offset=ticket.span[0])
+            self._drift.apply(
+                lead, factor, steps * ticket.slices, offset=ticket.span[0], squares=known
+            )
 
     def _add_current(self, ticket: Ticket, current: Source | None) -> None:
         """Turn a staleness-corrected answer (``peer - reference``) into what to blend toward.
@@ -849,8 +875,9 @@ class Node:
         """Clip the receive buffer toward our model (robust.clip).
 
         Toward the pull's reference (our model at the request) for a staleness-corrected
-        pull, else toward our latest published snapshot. Runs on the puller's thread once an
-        answer is in, so the training thread never pays for the two passes over the model.
+        pull (the puller clips those as leads, see :meth:`_lead`), else toward our latest
+        published snapshot. Runs on the puller's thread once an answer is in, so the training
+        thread never pays for the two passes over the model.
         """
         assert self._clipper is not None and self._snapshots is not None
         clipper = self._clipper
@@ -865,6 +892,12 @@ class Node:
                     return
                 if not clipper.clip(buffer, snapshot.params, peer):
                     return
+        self._clipped(peer)
+
+    def _clipped(self, peer: str) -> None:
+        """Log (once per peer, within the budget) that a pull from ``peer`` was clipped."""
+        assert self._clipper is not None
+        clipper = self._clipper
         self._warn.warning(
             peer,
             "clipped",
@@ -1147,7 +1180,7 @@ class Node:
             reject_nonfinite=self.config.reject_nonfinite,
             transport=self.config.transport,
             on_received=self._clip if self._robust.clip else None,
-            on_lead=self._correct_drift if self._drift is not None else None,
+            on_lead=self._lead if self._robust.clip or self._drift is not None else None,
             idle=self.config.timeout,
         )
         self._puller.on_samples = self._peer_samples

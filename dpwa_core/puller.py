@@ -34,7 +34,7 @@ import numpy as np
 
 from dpwa_core._log import OncePerPeer, get_logger, peer_text, reason_of
 from dpwa_core.auth import MAC_SIZE, MessageMac, Session, client_handshake
-from dpwa_core.delta import subtract_inplace
+from dpwa_core.delta import subtract_squared
 from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
 from dpwa_core.peers import Peer, PeerTable
@@ -192,14 +192,16 @@ class Puller:
         reject_nonfinite: refuse answers whose parameters hold NaN or Inf.
         transport: ``auto``, ``tcp`` or ``shm`` (see :class:`~dpwa_core.config.Config`).
         on_received: called on the puller's thread with the receive buffer, the peer's name and
-            the pull's reference (our model at the request, or None) once a pull's answer is in
-            and valid, before the pull is handed out (the node clips it there, see
+            None once the answer to a pull that is not staleness-corrected is in and valid,
+            before the pull is handed out (the node clips it there, see
             :mod:`dpwa_core.robust`).
-        on_lead: called on the puller's thread, after ``on_received``, for a
-            staleness-corrected pull: with the buffer (the slice that came, for a slice pull:
-            ``ticket.span``) turned into the peer's lead over the reference, the ticket, and
-            the peer's clock and loss (the node adds its drift
-            correction there, see :mod:`dpwa_core.drift`).
+        on_lead: called on the puller's thread for a staleness-corrected pull once its answer
+            is in and valid: with the buffer (the slice that came, for a slice pull:
+            ``ticket.span``) turned into the peer's lead over the reference as it landed (its
+            sum of squares in :attr:`lead_squares`), the peer's name, the ticket, and the
+            peer's clock and loss
+            (the node clips the lead and adds its drift correction there, see
+            :mod:`dpwa_core.robust` and :mod:`dpwa_core.drift`).
         idle: seconds a connection may stay silent (connecting, handshaking, or part-way
             through an answer) before the pull is given up, whatever its deadline; None: only
             the deadline counts.
@@ -216,7 +218,7 @@ class Puller:
         reject_nonfinite: bool = True,
         transport: str = "auto",
         on_received: Callable[[np.ndarray, str, np.ndarray | None], object] | None = None,
-        on_lead: Callable[[np.ndarray, Ticket, float, float], object] | None = None,
+        on_lead: Callable[[np.ndarray, str, Ticket, float, float], object] | None = None,
         idle: float | None = None,
     ) -> None:
         self.name = name
@@ -248,6 +250,9 @@ class Puller:
         self.reference: np.ndarray | None = None
         """Our model at a staleness-corrected pull's request (allocated at the first one; the
         node writes it while no pull is in flight)."""
+        self.lead_squares = math.nan
+        """``||lead||**2`` of the last staleness-corrected pull, summed as its chunks landed."""
+        self._lead_scratch = np.empty(min(layout.size, RECEIVE_CHUNK), np.float32)
         self._header = memoryview(bytearray(HEADER.size))
         self._peers = peers
         self._conns: dict[str, _Link] = {}
@@ -499,17 +504,20 @@ class Puller:
             return Outcome.FAILED, {}
         received = time.monotonic()
         elapsed = received - start  # the transfer, not what on_received does
-        reference = self.reference if ticket.delta else None
+        reference = self._reference(ticket)
         first, stop = ticket.span or (0, self.buffer.size)
         part = self.buffer[first:stop]
-        if self._on_received is not None and not ticket.join:  # a joiner copies its sponsor
-            self._on_received(part, peer.name, None if reference is None else reference[first:stop])
-        if reference is not None:
-            # The peer's lead over our past self. Outside a slice the buffer is stale until
-            # the node fills it with our model (Node._add_current); nothing reads it before.
-            subtract_inplace(part, reference[first:stop])
+        if reference is None:
+            if self._on_received is not None and not ticket.join:  # a joiner copies its sponsor
+                self._on_received(part, peer.name, None)
+        else:
+            # The peer's lead over our past self, made as a TCP answer landed; a copy from
+            # shared memory is turned here. Outside a slice the buffer is stale until the node
+            # fills it with our model (Node._add_current); nothing reads it before.
+            if not ticket.over_tcp:
+                self.lead_squares = subtract_squared(part, reference, self._lead_scratch)
             if self._on_lead is not None and not ticket.join:
-                self._on_lead(part, ticket, clock, loss)
+                self._on_lead(part, peer.name, ticket, clock, loss)
         self.post_s += time.monotonic() - received
         # Each peer's average TCP pull time, for stats (a shared-memory read is no link).
         self._peers.record_success(peer.name, elapsed if self.pulls_shm == shm else None)
@@ -539,6 +547,14 @@ class Puller:
             return deadline
         return min(deadline, time.monotonic() + self.idle)
 
+    def _reference(self, ticket: Ticket) -> np.ndarray | None:
+        """What a staleness-corrected pull's answer is turned into a lead over (its span's
+        part of :attr:`reference`); None for any other pull."""
+        if not ticket.delta or self.reference is None:
+            return None
+        first, stop = ticket.span or (0, self.buffer.size)
+        return self.reference[first:stop]
+
     def _exchange(self, peer: Peer, ticket: Ticket, flags: int = 0) -> tuple[float, float]:
         """Send PULL with ``flags``, receive the answer; returns the peer's (clock, loss)."""
         offer_shm = (
@@ -548,9 +564,10 @@ class Puller:
         if ticket.delta and not ticket.join and ticket.slices > 1 and not offer_shm:
             ticket.span = slice_bounds(self.layout.size, ticket.slices, ticket.slice_index)
         link = self._request(peer, ticket, flags | (FLAG_SHM if offer_shm else 0))
+        lead = self._reference(ticket)
         for _ in range(3):
             header = self._receive_answer(
-                link, ticket.deadline, offer_shm, flags & FLAG_IF_IDLE, span=ticket.span
+                link, ticket.deadline, offer_shm, flags & FLAG_IF_IDLE, span=ticket.span, lead=lead
             )
             if header.type is MessageType.PARAMS:
                 break
@@ -579,11 +596,13 @@ class Puller:
         if_idle: int = 0,
         into: StateLayout | None = None,
         span: tuple[int, int] | None = None,
+        lead: np.ndarray | None = None,
     ) -> Header:
         """Receive the rest of the answer whose header is in ``self._header``, check its tag.
 
         ``span`` is the slice the request asked for (None: the whole model); a PARAMS answer
-        must hold exactly that.
+        must hold exactly that. With ``lead`` (the reference of a staleness-corrected pull) a
+        PARAMS payload is turned into the lead over it as it lands.
 
         Nothing of the answer is acted on before its tag (with ``auth``) has been checked; a
         PARAMS payload lands in the receive buffer (``state_buffer`` when ``into`` is the
@@ -605,7 +624,9 @@ class Puller:
                 )
             if into is None:
                 first, stop = header.span
-                self._receive_params(conn, header, deadline, mac, self.buffer[first:stop])
+                self._receive_params(
+                    conn, header, deadline, mac, self.buffer[first:stop], lead=lead
+                )
             elif header.dtype is not WireDType.FLOAT32:
                 raise ProtocolError(f"optimizer state sent as {header.dtype.name}, not float32")
             else:
@@ -713,15 +734,28 @@ class Puller:
         mac: hmac.HMAC | None,
         buffer: np.ndarray,
         check: bool | None = None,
+        lead: np.ndarray | None = None,
     ) -> None:
         """Receive a PARAMS payload into ``buffer``, converting a narrower wire dtype.
 
-        Received chunk by chunk, each checked for NaN and Inf right after it lands (while it is
-        in cache) when ``check`` (default: ``reject_nonfinite``) is on, and fed to ``mac`` with
-        ``auth``.
+        Received chunk by chunk, each fed to ``mac`` with ``auth``, then, while it is in
+        cache, checked for NaN and Inf when ``check`` (default: ``reject_nonfinite``) is on,
+        and with ``lead`` (same size as ``buffer``) turned into ``chunk - lead`` (its squares
+        summed into :attr:`lead_squares`). Nothing here is acted on: the caller hands the
+        buffer out only once the tag is checked.
         """
         check = self.reject_nonfinite if check is None else check
         self._finite = True
+        squares = 0.0
+
+        def landed(start: int, stop: int) -> None:
+            nonlocal squares
+            chunk = buffer[start:stop]
+            if check and self._finite:
+                self._finite = all_finite(chunk, self._mask)
+            if lead is not None:
+                squares += subtract_squared(chunk, lead[start:stop], self._lead_scratch)
+
         if header.dtype is WireDType.FLOAT32:
             for start in range(0, buffer.size, RECEIVE_CHUNK):
                 chunk = buffer[start : start + RECEIVE_CHUNK]
@@ -729,8 +763,7 @@ class Puller:
                 recv_exact(conn, view, deadline, self.idle)
                 if mac is not None:
                     mac.update(view)
-                if check and self._finite:
-                    self._finite = all_finite(chunk, self._mask)
+                landed(start, start + chunk.size)
         else:
             if self._scratch is None:
                 self._scratch = np.empty(SCRATCH_BYTES, np.uint8)
@@ -740,9 +773,9 @@ class Puller:
                 if mac is not None:
                     mac.update(view)
 
-            decode_into(receive, header.dtype, buffer, self._scratch)
-            if check:
-                self._finite = all_finite(buffer, self._mask)
+            decode_into(receive, header.dtype, buffer, self._scratch, landed)
+        if lead is not None:
+            self.lead_squares = squares
         self.bytes_in += HEADER.size + header.length
 
     def _check_chunk(self, chunk: np.ndarray) -> None:

@@ -157,12 +157,61 @@ class Clipper:
             False otherwise, and for a vector holding NaN (accepted only with
             ``reject_nonfinite: false``), which is left alone.
         """
-        settings = self.settings
-        warming = self._seen < settings.clip_window
-        distance, norm = distance_and_norm(peer, local, self._scratch, norm=warming)
-        distance, norm = distance * scale, norm * scale
-        if not math.isfinite(distance):
+        distance, norm = distance_and_norm(peer, local, self._scratch, norm=self.warming)
+        radius = self._radius(distance * scale, norm * scale, name)
+        if radius is None:
             return False
+        shrink_toward(peer, local, radius / (distance * scale))
+        return True
+
+    @property
+    def warming(self) -> bool:
+        """Whether the window is not full yet, so the radius is also capped by our norm."""
+        return self._seen < self.settings.clip_window
+
+    def clip_lead(
+        self,
+        lead: np.ndarray,
+        squares: float,
+        name: str,
+        local: np.ndarray,
+        scale: float = 1.0,
+    ) -> float:
+        """Clip a lead ``peer - local`` in place, given its sum of squares; the new sum.
+
+        The same rule as :meth:`clip`, for a buffer the puller already turned into the lead
+        (:func:`~dpwa_core.delta.subtract_squared` summed its squares as it landed), so
+        clipping costs no pass unless it shortens the lead (one multiplication).
+
+        Args:
+            lead: ``peer - local`` (a staleness-corrected pull's lead, or a slice of it).
+            squares: ``||lead||**2``; NaN when the lead holds NaN (then it is left alone).
+            name: the peer's name, for the per-peer count.
+            local: what the lead is measured from (the pull's reference); read only while the
+                window fills, for its norm.
+            scale: as for :meth:`clip`.
+
+        Returns:
+            ``||lead||**2`` after clipping.
+        """
+        distance = math.sqrt(squares) if squares >= 0 else math.nan
+        norm = 0.0
+        if self.warming and math.isfinite(distance):
+            norm = distance_and_norm(local, local, self._scratch, norm=True)[1]
+        radius = self._radius(distance * scale, norm * scale, name)
+        if radius is None:
+            return squares
+        shrink = np.float32(radius / (distance * scale))
+        for start in range(0, lead.size, _CHUNK):
+            lead[start : start + _CHUNK] *= shrink  # at most 1: finite stays finite
+        return squares * float(shrink) ** 2
+
+    def _radius(self, distance: float, norm: float, name: str) -> float | None:
+        """Record ``distance`` (whole-model terms); the radius to clip to, or None to keep."""
+        settings = self.settings
+        if not math.isfinite(distance):
+            return None
+        warming = self.warming
         medians = [statistics.median(d) for d in self._by_peer.values()]
         median = statistics.median(medians) if medians else math.inf
         radius = settings.clip_scale * median
@@ -176,8 +225,7 @@ class Clipper:
         self.radius = radius
         self.distance = distance
         if distance <= radius:
-            return False
-        shrink_toward(peer, local, radius / distance)
+            return None
         self.clipped += 1
         self.by_peer[name] = self.by_peer.get(name, 0) + 1
-        return True
+        return radius

@@ -175,6 +175,7 @@ def decode_into(
     dtype: WireDType,
     out: np.ndarray,
     scratch: np.ndarray,
+    landed: Callable[[int, int], object] | None = None,
 ) -> None:
     """Receive a payload of ``out.size`` elements of ``dtype`` and convert it into ``out``.
 
@@ -183,6 +184,8 @@ def decode_into(
         dtype: the payload's dtype, from its header.
         out: 1-D float32 destination.
         scratch: a uint8 buffer of at least :data:`SCRATCH_BYTES` bytes.
+        landed: called with ``(start, stop)`` after ``out[start:stop]`` was converted, while
+            it is in cache (not for ``float32``, which lands in ``out`` in one receive).
 
     Raises:
         ProtocolError: an ``int8`` block scale is not finite, negative or above
@@ -198,6 +201,8 @@ def decode_into(
             raw = scratch[: 4 * blocks + chunk.size]
             receive(raw.data)
             _from_int8(raw, blocks, chunk, start)
+            if landed is not None:
+                landed(start, start + chunk.size)
         return
     decode = _DECODE[dtype]
     for start in range(0, out.size, CHUNK_ELEMENTS):
@@ -205,6 +210,8 @@ def decode_into(
         raw = scratch[: chunk.size * 2]
         receive(raw.data)
         decode(raw.view(np.uint16), chunk)
+        if landed is not None:
+            landed(start, start + chunk.size)
 
 
 def _to_float16(src: np.ndarray, out: np.ndarray) -> None:
