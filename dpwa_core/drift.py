@@ -8,7 +8,9 @@ constant disturbance). Each blend tells the node which way its peers pull it: th
 step, ``c``, and adds ``c * k`` (``k`` = training steps since the last blend) to the next
 blend: the integral term of the controller. It learns ``c`` ~ minus the node's own bias, which
 is what gradient tracking (D^2, Tang et al. 2018) gets by sending a second vector; here it costs
-no byte, only one model-sized float32 buffer and two passes over it per blend.
+no byte, only one model-sized float32 buffer and one pass over it per blend (two for a slice,
+whose share of ``c`` is measured first; the lead's length comes with the pull, see
+:func:`dpwa_core.delta.subtract_squared`).
 
 The correction added at one blend is at most :data:`BOUND` times as long as the blend's own
 lead ``f * ||peer - reference||`` (which ``robust.clip`` bounds), so a peer can move the model
