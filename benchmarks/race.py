@@ -7,7 +7,8 @@ setting names a smaller one) on MNIST-5k shards, each in its own host of a netwo
 wall-clock budget. Workers record their parameters at fixed times; afterwards this script
 evaluates every recorded model on a fixed 1000-image test set and reports, per system: steps/s
 per node, % of wall time the training thread was blocked on communication, time until the mean
-test accuracy over the nodes first reaches the target, final accuracy, MB each node's interface
+test accuracy over the nodes first reaches the target (and from when it stays there to the end),
+final accuracy, MB each node's interface
 sent during the training window and until the target, and for dpwa how much of its link a pull
 in flight used. Where some nodes are slower (a straggler, a slower link) the fast and the slow
 nodes' step rates and accuracies are shown apart. docs/RACE.md has every setting's command
@@ -440,6 +441,22 @@ def curve_of(times: np.ndarray, acc: np.ndarray, ranks: list[int]) -> list[tuple
     return [(float(x), float(y)) for x, y in zip(t.mean(0)[done], a.mean(0)[done], strict=True)]
 
 
+def held_from(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first mark from which the mean accuracy stays at or above ``target`` to the end.
+
+    None when the last mark is below it. Unlike the first time the target is reached, a system
+    whose accuracy swings (local SGD's peaks right after each average) gets the time it
+    settled above the target, not the time of its first peak.
+    """
+    held = None
+    for t, a in curve:
+        if a < target:
+            held = None
+        elif held is None:
+            held = t
+    return held
+
+
 def _link_use(stats: dict[str, Any], rate_mbit: float) -> float | None:
     """bytes_in * 8 / pull_s / link rate: the share of its link a dpwa pull in flight used."""
     pull_s = stats.get("pull_s")
@@ -478,6 +495,7 @@ def summarize(run: dict[str, Any], times: np.ndarray, acc: np.ndarray, target: f
         "slow_ranks": slow_ranks,
         "blocked_pct": 100.0 * sum(r["blocked_s"] for r in ranks) / sum(trained),
         "time_to_target": reached,
+        "time_held": held_from(curve, target),
         "final_acc": curve[-1][1] if curve else None,
         "fast_final_acc": final(fast_ranks) if slow_ranks else None,
         "slow_final_acc": final(slow_ranks),
@@ -527,7 +545,8 @@ def _fmt(value: float | None, spec: str, none: str = "-") -> str:
 def table(setting_name: str, rows: dict[str, dict | str], target: float, baseline: dict) -> str:
     setting = SETTINGS[setting_name]
     uneven = bool(setting.slow_ranks())
-    head = ["system", "steps/s/node", "blocked %", f"time to {target:.0%}", "final acc"]
+    head = ["system", "steps/s/node", "blocked %", f"time to {target:.0%}", "stays from"]
+    head += ["final acc"]
     head += ["MB sent/node", f"MB to {target:.0%}", "link use pulling"]
     if uneven:
         slow = ",".join(f"n{r}" for r in setting.slow_ranks())
@@ -544,6 +563,7 @@ def table(setting_name: str, rows: dict[str, dict | str], target: float, baselin
             f"{s['blocked_pct']:.1f}",
             _fmt(s["time_to_target"], ".1f", "not reached")
             + ("" if s["time_to_target"] is None else " s"),
+            _fmt(s.get("time_held"), ".1f", "no") + ("" if s.get("time_held") is None else " s"),
             _fmt(s["final_acc"], ".1%"),
             _fmt(s["mb_sent"], ".0f"),
             _fmt(s["mb_to_target"], ".0f"),

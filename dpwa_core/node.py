@@ -871,27 +871,19 @@ class Node:
         mine = max(self.clock, 1.0)
         return min(max(claimed, mine / lead), mine * lead)
 
-    def _clip(self, buffer: np.ndarray, peer: str, reference: np.ndarray | None) -> None:
-        """Clip the receive buffer toward our model (robust.clip).
+    def _clip(self, buffer: np.ndarray, peer: str) -> None:
+        """Clip the receive buffer toward our latest published snapshot (robust.clip).
 
-        Toward the pull's reference (our model at the request) for a staleness-corrected
-        pull (the puller clips those as leads, see :meth:`_lead`), else toward our latest
-        published snapshot. Runs on the puller's thread once an answer is in, so the training
-        thread never pays for the two passes over the model.
+        For a pull that is not staleness-corrected (a staleness-corrected one is clipped as a
+        lead, see :meth:`_lead`). Runs on the puller's thread once an answer is in, so the
+        training thread never pays for the two passes over the model.
         """
         assert self._clipper is not None and self._snapshots is not None
-        clipper = self._clipper
-        if reference is not None:
-            # A slice of the model: distances in whole-model terms (see Clipper.clip).
-            scale = math.sqrt(self._layout.size / buffer.size) if self._layout else 1.0
-            if not clipper.clip(buffer, reference, peer, scale):
+        with self._snapshots.pinned() as snapshot:
+            if snapshot is None:
                 return
-        else:
-            with self._snapshots.pinned() as snapshot:
-                if snapshot is None:
-                    return
-                if not clipper.clip(buffer, snapshot.params, peer):
-                    return
+            if not self._clipper.clip(buffer, snapshot.params, peer):
+                return
         self._clipped(peer)
 
     def _clipped(self, peer: str) -> None:

@@ -191,17 +191,16 @@ class Puller:
         tls: a client TLS context to wrap every new connection in, or None.
         reject_nonfinite: refuse answers whose parameters hold NaN or Inf.
         transport: ``auto``, ``tcp`` or ``shm`` (see :class:`~dpwa_core.config.Config`).
-        on_received: called on the puller's thread with the receive buffer, the peer's name and
-            None once the answer to a pull that is not staleness-corrected is in and valid,
-            before the pull is handed out (the node clips it there, see
+        on_received: called on the puller's thread with the receive buffer and the peer's name
+            once the answer to a pull that is not staleness-corrected is in and valid, before
+            the pull is handed out (the node clips it there, see
             :mod:`dpwa_core.robust`).
         on_lead: called on the puller's thread for a staleness-corrected pull once its answer
             is in and valid: with the buffer (the slice that came, for a slice pull:
             ``ticket.span``) turned into the peer's lead over the reference as it landed (its
             sum of squares in :attr:`lead_squares`), the peer's name, the ticket, and the
-            peer's clock and loss
-            (the node clips the lead and adds its drift correction there, see
-            :mod:`dpwa_core.robust` and :mod:`dpwa_core.drift`).
+            peer's clock and loss (the node clips the lead and adds its drift correction there,
+            see :mod:`dpwa_core.robust` and :mod:`dpwa_core.drift`).
         idle: seconds a connection may stay silent (connecting, handshaking, or part-way
             through an answer) before the pull is given up, whatever its deadline; None: only
             the deadline counts.
@@ -217,7 +216,7 @@ class Puller:
         tls: ssl.SSLContext | None = None,
         reject_nonfinite: bool = True,
         transport: str = "auto",
-        on_received: Callable[[np.ndarray, str, np.ndarray | None], object] | None = None,
+        on_received: Callable[[np.ndarray, str], object] | None = None,
         on_lead: Callable[[np.ndarray, str, Ticket, float, float], object] | None = None,
         idle: float | None = None,
     ) -> None:
@@ -509,7 +508,7 @@ class Puller:
         part = self.buffer[first:stop]
         if reference is None:
             if self._on_received is not None and not ticket.join:  # a joiner copies its sponsor
-                self._on_received(part, peer.name, None)
+                self._on_received(part, peer.name)
         else:
             # The peer's lead over our past self, made as a TCP answer landed; a copy from
             # shared memory is turned here. Outside a slice the buffer is stale until the node
