@@ -38,7 +38,8 @@ _MAX = float(np.finfo(np.float32).max)
 
 def subtract_inplace(out: np.ndarray, other: np.ndarray) -> np.ndarray:
     """``out -= other`` for 1-D float32 arrays, saturating at float32's range; returns ``out``."""
-    return _combine(out, other, -1.0)
+    subtract_squared(out, other, np.empty(min(_CHUNK, out.size), np.float32))
+    return out
 
 
 def subtract_squared(out: np.ndarray, other: np.ndarray, scratch: np.ndarray) -> float:
@@ -51,8 +52,13 @@ def subtract_squared(out: np.ndarray, other: np.ndarray, scratch: np.ndarray) ->
     Raises:
         ValueError: the shapes differ or ``scratch`` is too small.
     """
-    if out.shape != other.shape or scratch.size < min(out.size, _CHUNK):
+    if out.shape != other.shape:
         raise ValueError(f"cannot subtract arrays of shapes {out.shape} and {other.shape}")
+    if scratch.dtype != np.float32 or scratch.size < min(out.size, _CHUNK):
+        raise ValueError(
+            f"scratch must be float32 of at least {min(out.size, _CHUNK)} elements, got "
+            f"{scratch.dtype} of {scratch.size}"
+        )
     squares = 0.0
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, out.size, _CHUNK):
@@ -74,10 +80,6 @@ def subtract_squared(out: np.ndarray, other: np.ndarray, scratch: np.ndarray) ->
 
 def add_inplace(out: np.ndarray, other: np.ndarray) -> np.ndarray:
     """``out += other`` for 1-D float32 arrays, saturating at float32's range; returns ``out``."""
-    return _combine(out, other, 1.0)
-
-
-def _combine(out: np.ndarray, other: np.ndarray, sign: float) -> np.ndarray:
     if out.shape != other.shape:
         raise ValueError(f"cannot combine arrays of shapes {out.shape} and {other.shape}")
     scratch = np.empty(min(_CHUNK, out.size), np.float32)
@@ -85,13 +87,10 @@ def _combine(out: np.ndarray, other: np.ndarray, sign: float) -> np.ndarray:
         for start in range(0, out.size, _CHUNK):
             mine, theirs = out[start : start + _CHUNK], other[start : start + _CHUNK]
             result = scratch[: mine.size]
-            if sign > 0:
-                np.add(mine, theirs, out=result)
-            else:
-                np.subtract(mine, theirs, out=result)
+            np.add(mine, theirs, out=result)
             if not np.isfinite(result).all():
                 # Overflowed (or a NaN came in): redo the block in float64 and clamp.
-                wide = mine.astype(np.float64) + sign * theirs.astype(np.float64)
+                wide = mine.astype(np.float64) + theirs.astype(np.float64)
                 np.clip(wide, -_MAX, _MAX, out=wide)
                 result[...] = wide
             mine[...] = result

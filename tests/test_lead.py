@@ -33,15 +33,16 @@ small = st.floats(-100, 100, width=32)
 @settings(max_examples=200, deadline=None)
 @given(st.data(), st.integers(1, 300))
 def test_subtract_squared_matches_subtract_inplace(data: st.DataObject, size: int) -> None:
-    """Same saturating result as subtract_inplace; the squares of the true difference."""
+    """The difference rounded to float32 and clamped to its range; the true squares."""
     out = data.draw(arrays(np.float32, size, elements=finite))
     other = data.draw(arrays(np.float32, size, elements=finite))
-    expected = subtract_inplace(out.copy(), other)
-    truth = float(np.sum((out.astype(np.float64) - other.astype(np.float64)) ** 2))
+    wide = out.astype(np.float64) - other.astype(np.float64)
+    expected = np.clip(wide, -_F32_MAX, _F32_MAX).astype(np.float32)
+    truth = float(np.sum(wide**2))
     got = out.copy()
     squares = subtract_squared(got, other, np.empty(size, np.float32))
     np.testing.assert_array_equal(got, expected)
-    assert np.all(np.isfinite(got))
+    np.testing.assert_array_equal(subtract_inplace(out.copy(), other), expected)
     assert math.isclose(squares, truth, rel_tol=1e-4, abs_tol=1e-30)
 
 
@@ -56,9 +57,12 @@ def test_subtract_squared_across_blocks_and_nan() -> None:
     assert math.isclose(squares, (size - 1) + 6e38**2, rel_tol=1e-6)
     with_nan = np.ones(10, np.float32)
     with_nan[3] = np.nan
-    assert math.isnan(subtract_squared(with_nan, np.zeros(10, np.float32), np.empty(10)))
-    with pytest.raises(ValueError):
-        subtract_squared(np.ones(10, np.float32), np.ones(10, np.float32), np.empty(5))
+    scratch = np.empty(10, np.float32)
+    assert math.isnan(subtract_squared(with_nan, np.zeros(10, np.float32), scratch))
+    with pytest.raises(ValueError, match="shapes"):
+        subtract_squared(np.ones(10, np.float32), np.ones(9, np.float32), scratch)
+    with pytest.raises(ValueError, match="scratch"):
+        subtract_squared(np.ones(10, np.float32), np.ones(10, np.float32), scratch[:5])
 
 
 @settings(max_examples=60, deadline=None)
