@@ -167,6 +167,10 @@ SYSTEMS = {
     "dpwa-d05": System("dpwa", "d05", {"drift_correction": 0.5}),
     "dpwa-f07": System("dpwa", "f07", {"constant": {"value": 0.7}}),
     "dpwa-f085": System("dpwa", "f085", {"constant": {"value": 0.85}}),
+    "dpwa-mom": System("dpwa", "mom", {"blend_momentum": True}),
+    "dpwa-mom-nodrift": System(
+        "dpwa", "mom_nodrift", {"blend_momentum": True, "drift_correction": 0}
+    ),
     "ddp": System("ddp", "default"),
     "localsgd": System("localsgd", "p16", {"period": 16}),
     "hivemind": System("hivemind", "default"),

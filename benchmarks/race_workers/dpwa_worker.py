@@ -7,11 +7,14 @@ dpwa's defaults, overridden by ``spec["options"]``; the option ``api`` is the wo
 once after ``optimizer.step()``; ``"send_wait"`` calls ``update_send`` before the forward pass
 and ``update_wait`` after ``optimizer.step()``; ``switch_interval`` (seconds) sets this process's
 ``sys.setswitchinterval``, to measure how much the training thread waits for the GIL while
-dpwa's threads work. Blocked time is measured around those calls.
+dpwa's threads work; ``blend_momentum: true`` gossips SGD's momentum buffers with the model (they
+are registered as buffers of a module that holds the model, so the flat buffer, and every pull,
+carries both). Blocked time is measured around those calls.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -19,10 +22,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import race_common as rc  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 import dpwa_core  # noqa: E402
 
-_WORKER_OPTIONS = ("api", "switch_interval")
+_WORKER_OPTIONS = ("api", "switch_interval", "blend_momentum")
 
 
 def _config(spec: dict) -> dict:
@@ -34,6 +39,23 @@ def _config(spec: dict) -> dict:
     return {"nodes": nodes, **options}
 
 
+def _with_momentum(model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+    """A module holding the model, then a copy of it whose weights are SGD's momentum buffers.
+
+    The copy has the model's module types, so dpwa lays each buffer out as it lays out the
+    weight it belongs to (the same strides: SGD's update stays a contiguous pass).
+    """
+    momentum = copy.deepcopy(model).requires_grad_(False)
+    for p, buf in zip(model.parameters(), momentum.parameters(), strict=True):
+        with torch.no_grad():
+            buf.zero_()  # SGD's first step then makes it the gradient, as without
+        optimizer.state[p]["momentum_buffer"] = buf
+    both = nn.Module()
+    both.model = model
+    both.momentum = momentum
+    return both
+
+
 def main() -> None:
     spec, rank = rc.worker_args(__doc__)
     interval = (spec.get("options") or {}).get("switch_interval")
@@ -41,7 +63,10 @@ def main() -> None:
         sys.setswitchinterval(float(interval))
     config = _config(spec)
     run = rc.setup(spec, rank, seed_offset=rank if config.get("start") == "own" else 0)
-    gossip = dpwa_core.connect(run.model, config, f"n{rank}")
+    shared = run.model
+    if (spec.get("options") or {}).get("blend_momentum"):
+        shared = _with_momentum(run.model, run.optimizer)
+    gossip = dpwa_core.connect(shared, config, f"n{rank}")
     api = (spec.get("options") or {}).get("api")
     if api is None:
         api = "step" if hasattr(gossip, "step") else "send_wait"
