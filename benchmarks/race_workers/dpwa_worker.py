@@ -8,8 +8,8 @@ once after ``optimizer.step()``; ``"send_wait"`` calls ``update_send`` before th
 and ``update_wait`` after ``optimizer.step()``; ``switch_interval`` (seconds) sets this process's
 ``sys.setswitchinterval``, to measure how much the training thread waits for the GIL while
 dpwa's threads work; ``blend_momentum: true`` gossips SGD's momentum buffers with the model (they
-are registered as buffers of a module that holds the model, so the flat buffer, and every pull,
-carries both). Blocked time is measured around those calls.
+are the weights of a copy of the model, held next to it in one module, so the flat buffer, and
+every pull, carries both). Blocked time is measured around those calls.
 """
 
 from __future__ import annotations
