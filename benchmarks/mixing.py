@@ -13,6 +13,12 @@ each scheme mixes them in one of these ways:
   for the link: in the race a pull took ~2 steps at 1 Gbit/s and ~4 at 100 Mbit/s.
 - ``pair:D:mom``: the same, and SGD's momentum buffers are blended with the same factor
   (``(1 - f) * own + f * peer_then``), as if the pull carried them too.
+- ``expo:D``: the same blend, but the ``r``-th pull of node ``i`` reads node
+  ``(i + 2**(r mod L)) mod n`` (``L = ceil(log2 n)``): the one-peer exponential graph (Ying et
+  al. 2021). In each round every node reads a different one, and for ``n`` a power of two ``L``
+  rounds at factor 0.5 make every model the exact average.
+- ``pair:D:drift``: the lead ``peer_then - own_then`` is clipped (``robust.clip``) and drift
+  corrected (``drift_correction: 0.2``) as dpwa's defaults do, by the library's own classes.
 - ``pair:D:f0.7``: another factor (default 0.5); options combine (``pair:4:mom:f0.6``).
 
 The mean test accuracy of the nodes' own models is measured every 4 steps; the table gives the
@@ -44,6 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import race  # noqa: E402
 import race_common as rc  # noqa: E402
 
+from dpwa_core.drift import DriftCorrection  # noqa: E402
+from dpwa_core.robust import Clipper, RobustSettings  # noqa: E402
+
 EVERY = 4
 """Steps between two measurements of the mean test accuracy."""
 
@@ -56,21 +65,25 @@ class Scheme:
     steps: int
     factor: float = 0.5
     momentum: bool = False
+    drift: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Scheme:
-        """Read ``localsgd:P`` or ``pair:D[:mom][:fX]``; a ValueError says what is wrong."""
+        """Read ``localsgd:P``, ``pair:D[:mom][:fX]`` or ``expo:D[...]``; a ValueError says
+        what is wrong."""
         kind, _, rest = text.partition(":")
         parts = rest.split(":") if rest else []
-        if kind not in ("localsgd", "pair") or not parts or not parts[0].isdigit():
-            raise ValueError(f"scheme {text!r}: expected localsgd:P or pair:D[:mom][:fX]")
-        steps, factor, momentum = int(parts[0]), 0.5, False
+        if kind not in ("localsgd", "pair", "expo") or not parts or not parts[0].isdigit():
+            raise ValueError(f"scheme {text!r}: expected localsgd:P, pair:D or expo:D[:mom][:fX]")
+        steps, factor, momentum, drift = int(parts[0]), 0.5, False, False
         if steps < 1:
             raise ValueError(f"scheme {text!r}: the step count must be at least 1")
         for option in parts[1:]:
-            if kind == "pair" and option == "mom":
+            if kind != "localsgd" and option == "mom":
                 momentum = True
-            elif kind == "pair" and option.startswith("f"):
+            elif kind != "localsgd" and option == "drift":
+                drift = True
+            elif kind != "localsgd" and option.startswith("f"):
                 try:
                     factor = float(option[1:])
                 except ValueError:
@@ -79,12 +92,14 @@ class Scheme:
                     raise ValueError(f"scheme {text!r}: a factor is fX with X in (0, 1]")
             else:
                 raise ValueError(f"scheme {text!r}: unknown option {option!r}")
-        return cls(kind, steps, factor, momentum)
+        return cls(kind, steps, factor, momentum, drift)
 
     def __str__(self) -> str:
         text = f"{self.kind}:{self.steps}"
         if self.momentum:
             text += ":mom"
+        if self.drift:
+            text += ":drift"
         if self.factor != 0.5:
             text += f":f{self.factor:g}"
         return text
@@ -141,6 +156,11 @@ class Cluster:
         self.rng = np.random.default_rng(seed)
         self.pulls: list[Pull | None] = [None] * self.world
         self.blends = [0] * self.world
+        self.rounds = [0] * self.world  # pulls asked so far, per node (expo's schedule)
+        self.last_blend = [0] * self.world
+        size = sum(p.numel() for p in self.models[0].parameters())
+        self.clippers = [Clipper(RobustSettings(), size) for _ in range(self.world)]
+        self.drifts = [DriftCorrection(size, 0.2) for _ in range(self.world)]
         self.steps = 0
 
     def flat(self, rank: int) -> torch.Tensor:
@@ -177,7 +197,11 @@ class Cluster:
         for rank in range(self.world):
             pull = self.pulls[rank]
             if pull is not None and self.steps >= pull.lands:
-                blended = now[rank] + f * (pull.peer - pull.own)
+                lead = pull.peer - pull.own
+                if self.scheme.drift:
+                    self._correct(rank, lead.numpy(), pull.own.numpy())
+                self.last_blend[rank] = self.steps
+                blended = now[rank] + f * lead
                 vector_to_parameters(blended, self.models[rank].parameters())
                 now[rank] = blended
                 if momenta is not None and pull.peer_momentum is not None:
@@ -190,13 +214,28 @@ class Cluster:
                 self.blends[rank] += 1
                 self.pulls[rank] = None
             if self.pulls[rank] is None:
-                peer = int(self.rng.choice([r for r in range(self.world) if r != rank]))
+                peer = self.peer_of(rank)
+                self.rounds[rank] += 1
                 self.pulls[rank] = Pull(
                     self.steps + self.scheme.steps,
                     now[rank].clone(),
                     now[peer].clone(),
                     momenta[peer].clone() if momenta is not None else None,
                 )
+
+    def _correct(self, rank: int, lead: np.ndarray, own: np.ndarray) -> None:
+        """Clip ``lead`` and add the drift correction to it, in place, as a dpwa node does."""
+        squares = float(np.dot(lead.astype(np.float64), lead))
+        squares = self.clippers[rank].clip_lead(lead, squares, "peer", own)
+        steps = self.steps - self.last_blend[rank]
+        self.drifts[rank].apply(lead, self.scheme.factor, steps, squares=squares)
+
+    def peer_of(self, rank: int) -> int:
+        """The node ``rank``'s next pull reads: random, or the exponential graph's."""
+        if self.scheme.kind == "expo":
+            hops = max(1, (self.world - 1).bit_length())
+            return (rank + 2 ** (self.rounds[rank] % hops)) % self.world
+        return int(self.rng.choice([r for r in range(self.world) if r != rank]))
 
     def accuracy(self) -> float:
         """Mean test accuracy of the nodes' own models."""

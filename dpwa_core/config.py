@@ -13,6 +13,7 @@ A config is a YAML mapping::
     divergence_threshold: 0    # 0 disables
     drift_correction: 0.2      # learn the steady pull of the peers (skewed data); 0 disables
     pull_slices: 1             # whole-model pulls; auto: one slice at a time on slow links
+    peer_choice: exponential   # the one-peer exponential graph's schedule; random: a draw
     constant: {value: 0.5}     # options of a strategy, one section per strategy name
     reject_nonfinite: true     # refuse received parameters holding NaN or Inf
     auth: {secret_env: DPWA_SECRET}                 # optional shared-secret handshake
@@ -45,6 +46,7 @@ from dpwa_core.errors import ConfigError, PluginError
 from dpwa_core.hookspec import Strategy
 from dpwa_core.launchers import ARGUMENT_SOURCE, NODE_ENV, NodeChoice, node_from_environment
 from dpwa_core.launchers import ways_to_choose as _ways_to_choose
+from dpwa_core.peers import PEER_CHOICES
 from dpwa_core.robust import RobustSettings
 from dpwa_core.secret import (
     AuthSettings,
@@ -60,6 +62,7 @@ from dpwa_core.wire import MAX_SLICES
 __all__ = [
     "MAX_CONFIG_BYTES",
     "NODE_ENV",
+    "PEER_CHOICES",
     "STARTS",
     "TRANSPORTS",
     "WIRE_DTYPES",
@@ -75,6 +78,7 @@ _SETTINGS = (
     "divergence_threshold",
     "drift_correction",
     "pull_slices",
+    "peer_choice",
     "reject_nonfinite",
     "transport",
     "wire_dtype",
@@ -143,6 +147,10 @@ class Config:
             through them: an integer from 1 (whole-model pulls, the default) to 64, or ``auto``
             (as many as it takes for a slice to land within about two training steps, measured
             as it runs).
+        peer_choice: ``exponential`` (each pull first asks the peer of the one-peer
+            exponential graph over the config's node order, so that pullers do not share one
+            server and every node is reached every ``ceil(log2 n)`` pulls; :mod:`dpwa_core.peers`)
+            or ``random`` (each pull draws its peer by flow-control score).
         methods: options per strategy name, e.g. ``{"constant": {"value": 0.5}}``.
         reject_nonfinite: refuse received parameters that hold NaN or Inf.
         transport: ``auto`` (shared memory with peers on this host, TCP otherwise), ``tcp``
@@ -172,6 +180,7 @@ class Config:
     divergence_threshold: float = 0.0
     drift_correction: float = 0.2
     pull_slices: int | str = 1
+    peer_choice: str = "exponential"
     # Not hashed: sections may hold lists. Equal configs still hash equal without them.
     methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     reject_nonfinite: bool = True
@@ -196,7 +205,12 @@ class Config:
         for key in ("reject_nonfinite", "blocking"):
             if not isinstance(getattr(self, key), bool):
                 raise self._error(key, f"must be true or false, got {_shown(getattr(self, key))}")
-        choices = (("transport", TRANSPORTS), ("wire_dtype", WIRE_DTYPES), ("start", STARTS))
+        choices = (
+            ("transport", TRANSPORTS),
+            ("wire_dtype", WIRE_DTYPES),
+            ("start", STARTS),
+            ("peer_choice", PEER_CHOICES),
+        )
         for key, allowed in choices:
             value = getattr(self, key)
             if value not in allowed:

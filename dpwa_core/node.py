@@ -173,9 +173,12 @@ class Node:
         spec = self.config.node(self.name)
         self._strategy = self.config.make_strategy()
         self._rng = random.Random(seed)
+        exponential = self.config.peer_choice == "exponential"
         self._peers = PeerTable(
             [(p.name, p.host, p.port) for p in self.config.peers_of(self.name)],
             random.Random(self._rng.getrandbits(64)),
+            ring=[n.name for n in self.config.nodes] if exponential else None,
+            me=self.name,
         )
         self.clock = 0.0
         """Samples trained so far, blended with peers' clocks on every interpolation."""
@@ -1046,7 +1049,10 @@ class Node:
             ``drift_norm`` (blends that :mod:`~dpwa_core.drift` corrected, and the length of the
             last correction; 0 with ``drift_correction: 0``), ``slices`` (how many slices
             the next pull over TCP cuts the model into, ``pull_slices``) and ``pulls_sliced``
-            (pulls that brought one slice), and from :meth:`swarm`,
+            (pulls that brought one slice), ``pulls_scheduled`` (pulls that first asked the
+            peer of the ``peer_choice: exponential`` schedule), ``pulls_shared`` (pulls that
+            asked a busy peer anyway because every peer answered BUSY), and from
+            :meth:`swarm`,
             ``swarm_samples``, ``swarm_samples_per_s`` and ``swarm_nodes``.
         """
         clipper = self._clipper
@@ -1063,6 +1069,8 @@ class Node:
         stats["slices"] = slicing.slices if slicing else 1
         stats["pulls_sliced"] = slicing.sliced if slicing else 0
         stats["drift_norm"] = drift.last_norm if drift else 0.0
+        stats["pulls_scheduled"] = self._peers.scheduled
+        stats["pulls_shared"] = self._puller.pulls_shared if self._puller else 0
         stats["pulls_served"] = self._server.served
         stats["bytes_out"] = self._server.bytes_out
         stats["rejected"] = self._server.rejected

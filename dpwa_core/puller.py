@@ -264,6 +264,8 @@ class Puller:
         self._asked_samples: dict[str, float] = {}  # peer -> when its count was last asked
         self.bytes_in = 0
         self.pulls_busy = 0
+        self.pulls_shared = 0
+        """Pulls that asked a busy peer anyway, every peer having answered BUSY."""
         """Peers that answered BUSY (sending to someone else), so another one was asked."""
         self.pull_s = 0.0
         """Seconds with a pull in flight, from its start to its outcome."""
@@ -324,9 +326,10 @@ class Puller:
             self._join(ticket)
             return
         # A peer already sending to someone else says BUSY and the next one drawn is asked, so
-        # pullers spread over idle servers. When every peer is busy, the first one drawn (the
-        # likeliest by score) is asked again unconditionally; a lone peer at once.
-        first = peer = self._peers.choose()
+        # pullers spread over idle servers. When every peer is busy, the first one asked (the
+        # schedule's, or the likeliest by score) is asked again unconditionally; a lone peer at
+        # once.
+        first = peer = self._peers.next_peer()
         tried: list[str] = []
         while peer is not None:
             tried.append(peer.name)
@@ -346,6 +349,8 @@ class Puller:
         if first is None:
             ticket.resolve(Outcome.FAILED)
             return
+        if tried[1:]:
+            self.pulls_shared += 1  # every peer said BUSY: this one's uplink is shared
         outcome, fields = self._try(first, ticket)
         ticket.resolve(outcome, first.name, **fields)
         if outcome is Outcome.OK:

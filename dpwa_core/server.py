@@ -39,6 +39,7 @@ from dpwa_core._log import OncePerPeer, get_logger, reason_of
 from dpwa_core.auth import AUTH_MAGIC, MAC_SIZE, Session, check_name, server_handshake
 from dpwa_core.errors import AuthError, ProtocolError
 from dpwa_core.layout import Layout, describe_fingerprint
+from dpwa_core.shm import SharedSegment
 from dpwa_core.snapshot import SnapshotBuffer
 from dpwa_core.state_share import StateLayout, StateShare
 from dpwa_core.wire import (
@@ -506,19 +507,52 @@ class Server:
             return False
         # A slice is always sent over TCP: a co-located peer copies the whole model anyway.
         segment = snapshots.segment if request.flags & FLAG_SHM and not request.slices else None
-        if request.flags & FLAG_IF_IDLE and self._sending and segment is None:
-            # Our link is taken: the puller asks an idle peer instead of sharing it.
+        if segment is None:
+            # The uplink is claimed before the wait for a fresh snapshot, in one step with the
+            # check, so two pullers asking at once are never both told it is free.
             with self._lock:
-                self.served_busy += 1
-            self._send(connection, time.monotonic() + self.timeout, encode_header(MessageType.BUSY))
+                busy = bool(request.flags & FLAG_IF_IDLE) and self._sending > 0
+                if busy:
+                    self.served_busy += 1
+                else:
+                    self._sending += 1
+            if busy:
+                # Our link is taken: the puller asks an idle peer instead of sharing it.
+                busy_reply = encode_header(MessageType.BUSY)
+                self._send(connection, time.monotonic() + self.timeout, busy_reply)
+                return True
+        try:
+            sent = self._answer_params(connection, request, layout, snapshots, segment)
+        finally:
+            if segment is None:
+                with self._lock:
+                    self._sending -= 1
+        if sent is None:
             return True
+        if connection.session is not None:
+            sent += MAC_SIZE
+        with self._lock:
+            self.served += 1
+            self.bytes_out += sent
+        return True
+
+    def _answer_params(
+        self,
+        connection: _Connection,
+        request: Header,
+        layout: Layout,
+        snapshots: SnapshotBuffer,
+        segment: SharedSegment | None,
+    ) -> int | None:
+        """Send a fresh snapshot (or, with ``segment``, its shared-memory address); the bytes
+        sent, or None when there is no snapshot yet (NOT_READY was answered)."""
         # A lazily publishing trainer copies its model at its next step; wait for that copy.
         snapshots.want(wait=min(self.timeout, FRESH_WAIT))
         with snapshots.pinned() as snapshot:
             deadline = time.monotonic() + self.timeout
             if snapshot is None:
                 self._send(connection, deadline, encode_header(MessageType.NOT_READY))
-                return True
+                return None
             if segment is not None:
                 # Co-located peers copy the pinned slot themselves; only its address goes out.
                 answer = ShmAnswer(
@@ -538,33 +572,21 @@ class Server:
                 with self._lock:  # counted before the peer can see the answer
                     self.served_shm += 1
                 self._send(connection, deadline, reply + answer)
-                sent = HEADER.size + len(answer)
-            else:
-                start = time.monotonic()
-                first, stop = request.span
-                nbytes = self._dtype(connection).payload_bytes(stop - first)
-                deadline = transfer_deadline(start, nbytes, self.timeout)
-                with self._lock:
-                    self._sending += 1
-                try:
-                    sent = self._send_params(
-                        connection,
-                        layout,
-                        snapshot.params,
-                        (snapshot.clock, snapshot.loss),
-                        deadline,
-                        self._dtype(connection),
-                        (request.slices, request.slice_index),
-                    )
-                finally:
-                    with self._lock:
-                        self._sending -= 1
-        if connection.session is not None:
-            sent += MAC_SIZE
-        with self._lock:
-            self.served += 1
-            self.bytes_out += sent
-        return True
+                return HEADER.size + len(answer)
+            first, stop = request.span
+            dtype = self._dtype(connection)
+            deadline = transfer_deadline(
+                time.monotonic(), dtype.payload_bytes(stop - first), self.timeout
+            )
+            return self._send_params(
+                connection,
+                layout,
+                snapshot.params,
+                (snapshot.clock, snapshot.loss),
+                deadline,
+                dtype,
+                (request.slices, request.slice_index),
+            )
 
     def _dtype(self, connection: _Connection) -> WireDType:
         """The dtype parameters go out in on ``connection``."""

@@ -174,3 +174,40 @@ def test_busy_in_answer_to_a_plain_pull_is_a_protocol_error(
         assert "got BUSY in answer to a PULL that did not allow it" in caplog.text
     finally:
         liar.close()
+
+
+def test_a_server_waiting_for_a_fresh_snapshot_already_says_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The uplink is claimed before the wait for a lazy trainer's next copy, not after it, so
+    a second IF_IDLE pull arriving during that wait is sent elsewhere instead of sharing."""
+    from dpwa_core import server as server_module
+    from dpwa_core.server import Server
+    from dpwa_core.snapshot import SnapshotBuffer
+
+    monkeypatch.setattr(server_module, "FRESH_WAIT", 30.0)  # the test's publish ends the wait
+    small = Layout.flat(1000)
+    snapshots = SnapshotBuffer(small.size)
+    snapshots.lazy = True
+    snapshots.publish(lambda out: out.fill(1.0), 1.0, 1.0)
+    for _ in range(3):
+        snapshots.tick()  # the published copy is now 3 steps old: a PULL waits for a new one
+    server = Server("127.0.0.1", 0, 30.0)
+    server.set_source(small, snapshots)
+    try:
+        with (
+            socket.create_connection(server.address, timeout=30) as first,
+            socket.create_connection(server.address, timeout=30) as second,
+        ):
+            first.sendall(request(small, FLAG_IF_IDLE))
+            deadline = time.monotonic() + 20
+            while not snapshots.wanted:  # the server is in its wait
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            second.sendall(request(small, FLAG_IF_IDLE))
+            assert answer_type(second) is MessageType.BUSY
+            snapshots.publish(lambda out: out.fill(2.0), 2.0, 1.0)  # the trainer's next step
+            assert answer_type(first) is MessageType.PARAMS
+        assert server.served_busy == 1
+    finally:
+        server.close()

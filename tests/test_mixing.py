@@ -34,10 +34,19 @@ def spec(tmp_path: Path) -> dict:
 
 
 def test_scheme_spelling_round_trips_and_refuses_nonsense() -> None:
-    for text in ("localsgd:16", "pair:2", "pair:4:mom", "pair:3:mom:f0.7"):
+    for text in ("localsgd:16", "pair:2", "pair:4:mom", "pair:3:mom:f0.7", "expo:2:drift"):
         assert str(mixing.Scheme.parse(text)) == text
     assert mixing.Scheme.parse("pair:2:f0.7").factor == 0.7
-    for bad in ("pair", "pair:x", "pair:0", "ring:2", "localsgd:4:mom", "pair:2:f2", "pair:2:fz"):
+    for bad in (
+        "pair",
+        "pair:x",
+        "pair:0",
+        "ring:2",
+        "localsgd:4:mom",
+        "pair:2:f2",
+        "pair:2:fz",
+        "localsgd:4:drift",
+    ):
         with pytest.raises(ValueError, match="scheme"):
             mixing.Scheme.parse(bad)
 
@@ -80,3 +89,27 @@ def test_run_reports_its_figures(spec: dict) -> None:
     assert result["steps_to_target"] is None and result["steps_held"] is None  # never reached
     assert [s for s, _ in result["curve"]] == [0, 4, 8]
     assert result["blends_per_node"] == 3  # asked after steps 1, 3, 5, 7; landed at 3, 5, 7
+
+
+def test_expo_asks_the_exponential_graphs_peer_each_round(spec: dict) -> None:
+    from dpwa_core.peers import exponential_hop
+
+    cluster = mixing.Cluster({**spec, "world": 4}, mixing.Scheme.parse("expo:1"), seed=0)
+    for round_ in range(4):
+        assert cluster.rounds == [round_] * 4
+        asked = [cluster.peer_of(rank) for rank in range(4)]
+        assert asked == [exponential_hop(rank, 4, round_) for rank in range(4)]
+        cluster.rounds = [r + 1 for r in cluster.rounds]
+
+
+def test_drift_clips_and_corrects_the_lead_as_a_node_does(spec: dict) -> None:
+    cluster = mixing.Cluster(spec, mixing.Scheme.parse("pair:1:drift"), seed=0)
+    n = cluster.flat(0).numel()
+    lead = np.full(n, 2.0, np.float32)
+    cluster.steps = 3  # three steps since the last blend (at step 0)
+    cluster._correct(0, lead, np.zeros(n, np.float32))
+    drift = cluster.drifts[0]
+    assert drift.blends == 1
+    # c was 0, so this blend adds nothing yet and learns rate * f * lead / steps per step.
+    assert np.allclose(lead, 2.0)
+    assert np.allclose(drift.c, 0.2 * 0.5 * 2.0 / 3)
