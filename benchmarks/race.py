@@ -146,7 +146,7 @@ SETTINGS = {
 }
 SYSTEMS = {
     "dpwa": System("dpwa", "default"),
-    "dpwa-random": System("dpwa", "random", {"peer_choice": "random"}),
+    "dpwa-expo": System("dpwa", "expo", {"peer_choice": "exponential"}),
     "dpwa-p16": System("dpwa", "p16", {"pull_probability": 0.0625}),
     "dpwa-p2": System("dpwa", "p2", {"pull_probability": 0.5}),
     "dpwa-p3": System("dpwa", "p3", {"pull_probability": 0.33}),

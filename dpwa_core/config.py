@@ -13,7 +13,7 @@ A config is a YAML mapping::
     divergence_threshold: 0    # 0 disables
     drift_correction: 0.2      # learn the steady pull of the peers (skewed data); 0 disables
     pull_slices: 1             # whole-model pulls; auto: one slice at a time on slow links
-    peer_choice: exponential   # the one-peer exponential graph's schedule; random: a draw
+    peer_choice: random        # a draw by score; exponential: the exponential graph's schedule
     constant: {value: 0.5}     # options of a strategy, one section per strategy name
     reject_nonfinite: true     # refuse received parameters holding NaN or Inf
     auth: {secret_env: DPWA_SECRET}                 # optional shared-secret handshake
@@ -147,10 +147,10 @@ class Config:
             through them: an integer from 1 (whole-model pulls, the default) to 64, or ``auto``
             (as many as it takes for a slice to land within about two training steps, measured
             as it runs).
-        peer_choice: ``exponential`` (each pull first asks the peer of the one-peer
-            exponential graph over the config's node order, so that pullers do not share one
-            server and every node is reached every ``ceil(log2 n)`` pulls; :mod:`dpwa_core.peers`)
-            or ``random`` (each pull draws its peer by flow-control score).
+        peer_choice: ``random`` (each pull draws its peer by flow-control score, the default)
+            or ``exponential`` (each pull first asks the peer of the one-peer exponential graph
+            over the config's node order, so that pullers do not share one server and every
+            node is reached every ``ceil(log2 n)`` pulls; :mod:`dpwa_core.peers`).
         methods: options per strategy name, e.g. ``{"constant": {"value": 0.5}}``.
         reject_nonfinite: refuse received parameters that hold NaN or Inf.
         transport: ``auto`` (shared memory with peers on this host, TCP otherwise), ``tcp``
@@ -180,7 +180,7 @@ class Config:
     divergence_threshold: float = 0.0
     drift_correction: float = 0.2
     pull_slices: int | str = 1
-    peer_choice: str = "exponential"
+    peer_choice: str = "random"
     # Not hashed: sections may hold lists. Equal configs still hash equal without them.
     methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     reject_nonfinite: bool = True

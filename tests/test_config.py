@@ -338,9 +338,9 @@ def test_a_world_readable_secret_file_is_refused_unless_allowed(
     assert "abc" not in caplog.text
 
 
-def test_peer_choice_defaults_to_the_exponential_schedule_and_is_checked() -> None:
-    assert load_config(minimal()).peer_choice == "exponential"
-    assert load_config(minimal(peer_choice="random")).peer_choice == "random"
+def test_peer_choice_defaults_to_the_draw_and_is_checked() -> None:
+    assert load_config(minimal()).peer_choice == "random"
+    assert load_config(minimal(peer_choice="exponential")).peer_choice == "exponential"
     assert "'peer_choice' must be one of exponential, random" in error_for(
         minimal(peer_choice="ring")
     )
