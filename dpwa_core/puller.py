@@ -264,9 +264,9 @@ class Puller:
         self._asked_samples: dict[str, float] = {}  # peer -> when its count was last asked
         self.bytes_in = 0
         self.pulls_busy = 0
+        """Peers that answered BUSY (sending to someone else), so another one was asked."""
         self.pulls_shared = 0
         """Pulls that asked a busy peer anyway, every peer having answered BUSY."""
-        """Peers that answered BUSY (sending to someone else), so another one was asked."""
         self.pull_s = 0.0
         """Seconds with a pull in flight, from its start to its outcome."""
         self.wait_s = 0.0

@@ -211,3 +211,26 @@ def test_a_server_waiting_for_a_fresh_snapshot_already_says_busy(
         assert server.served_busy == 1
     finally:
         server.close()
+
+
+def test_exponential_peer_choice_asks_the_schedules_peer_over_real_sockets(
+    make_cluster: Cluster,
+) -> None:
+    """With ``peer_choice: exponential`` w1 (position 0 of 4) asks w2 and w3 in turn (hops of
+    1 and 2), never w4; a peer that failed lately gives way to the draw."""
+    small = Layout.flat(1000)
+    config = make_cluster(4, transport="tcp", peer_choice="exponential", timeout_ms=5000)
+    with ExitStack() as stack:
+        nodes = [stack.enter_context(Node(config, f"w{i}", layout=small)) for i in (1, 2, 3, 4)]
+        for value, node in enumerate(nodes[1:], start=2):
+            node.update_send(np.full(small.size, float(value), np.float32), 1.0)
+        w1 = nodes[0]
+        assert w1.wait_for_peers(timeout=10) == 3
+        peers = []
+        for _ in range(6):
+            w1.update_send(np.zeros(small.size, np.float32), 1.0)
+            result = w1.update_wait(1.0)
+            assert result is not None
+            peers.append(result.peer)
+        assert peers == ["w2", "w3"] * 3
+        assert w1.stats()["pulls_scheduled"] == 6 and w1.stats()["pulls_shared"] == 0

@@ -157,12 +157,14 @@ def test_config_init_prints_a_commented_config_that_loads(
         "divergence_threshold",
         "drift_correction",
         "pull_slices",
+        "peer_choice",
         "reject_nonfinite",
         "transport",
         "wire_dtype",
     ]
     assert config.reject_nonfinite == defaults.reject_nonfinite
     assert config.pull_slices == defaults.pull_slices
+    assert config.peer_choice == defaults.peer_choice
     assert (config.transport, config.wire_dtype) == (defaults.transport, defaults.wire_dtype)
     for index, line in enumerate(lines):
         if line[:1].isalpha():
