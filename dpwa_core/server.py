@@ -54,6 +54,7 @@ from dpwa_core.wire import (
     ShmAnswer,
     VersionError,
     decode_header,
+    drain,
     encode_header,
     recv_exact,
     send_all,
@@ -527,6 +528,7 @@ class Server:
             if segment is None:
                 with self._lock:
                     self._sending -= 1
+                snapshots.want_next()  # the next request then finds a fresh copy waiting
         if sent is None:
             return True
         if connection.session is not None:
@@ -714,6 +716,9 @@ class Server:
                 send_all(conn, piece, deadline, idle)
         if mac is not None:
             send_all(conn, mac.digest(), deadline, idle)
+        # Our uplink still carries what the kernel queued: stay busy (BUSY to IF_IDLE pulls)
+        # until it has drained, so a second puller does not share the link's last stretch.
+        drain(conn, deadline, idle)
         return HEADER.size + dtype.payload_bytes(params.size)
 
 
