@@ -524,6 +524,12 @@ class Server:
                 return True
         try:
             sent = self._answer_params(connection, request, layout, snapshots, segment)
+            if segment is None and sent is not None:
+                # Our uplink still carries what the kernel queued (a send returns with a
+                # megabyte or more of it left): it stays claimed, BUSY to IF_IDLE pulls, until
+                # that has drained, so a second puller does not share the send's last stretch.
+                # The snapshot is no longer pinned meanwhile.
+                drain(connection.sock, time.monotonic() + self.timeout, self.timeout, self._closed)
         finally:
             if segment is None:
                 with self._lock:
@@ -716,9 +722,6 @@ class Server:
                 send_all(conn, piece, deadline, idle)
         if mac is not None:
             send_all(conn, mac.digest(), deadline, idle)
-        # Our uplink still carries what the kernel queued: stay busy (BUSY to IF_IDLE pulls)
-        # until it has drained, so a second puller does not share the link's last stretch.
-        drain(conn, deadline, idle)
         return HEADER.size + dtype.payload_bytes(params.size)
 
 

@@ -15,6 +15,7 @@ import math
 import socket
 import struct
 import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -417,12 +418,18 @@ def unacked_bytes(sock: socket.socket) -> int | None:
     return int(struct.unpack("i", answer)[0])
 
 
-def drain(sock: socket.socket, deadline: float, idle: float | None = None) -> bool:
+def drain(
+    sock: socket.socket,
+    deadline: float,
+    idle: float | None = None,
+    cancel: threading.Event | None = None,
+) -> bool:
     """Wait until the peer has acknowledged all but :data:`DRAINED_BYTES` of what was sent.
 
     A send returns once the kernel holds the data, while a megabyte or more may still be queued
     for a slow link; until it drains, the link is not free for another transfer. Gives up
-    quietly at ``deadline``, or when ``idle`` seconds pass without the queue shrinking.
+    quietly at ``deadline``, when ``idle`` seconds pass without the queue shrinking, or as soon
+    as ``cancel`` is set (a server closing).
 
     Returns:
         Whether the queue drained (True too where the kernel cannot tell).
@@ -433,7 +440,10 @@ def drain(sock: socket.socket, deadline: float, idle: float | None = None) -> bo
         now = time.monotonic()
         if now >= deadline or (idle is not None and now - progress >= idle):
             return False
-        time.sleep(_DRAIN_POLL)
+        if cancel is None:
+            time.sleep(_DRAIN_POLL)
+        elif cancel.wait(_DRAIN_POLL):
+            return False
         left = unacked_bytes(sock)
         if left is not None and left < queued:
             progress = time.monotonic()

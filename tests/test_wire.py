@@ -183,6 +183,11 @@ def test_drain_waits_until_the_peer_has_acknowledged_what_was_sent() -> None:
             began = time.monotonic()
             assert not drain(sender, time.monotonic() + 5, idle=0.3)  # nobody reads
             assert 0.25 < time.monotonic() - began < 4
+            closing = threading.Event()
+            closing.set()
+            began = time.monotonic()
+            assert not drain(sender, time.monotonic() + 5, idle=5, cancel=closing)
+            assert time.monotonic() - began < 1  # a closing server does not wait
             out = bytearray(len(payload))
             reader = threading.Thread(
                 target=recv_exact, args=(receiver, memoryview(out), time.monotonic() + 10)
