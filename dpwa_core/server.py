@@ -54,7 +54,6 @@ from dpwa_core.wire import (
     ShmAnswer,
     VersionError,
     decode_header,
-    drain,
     encode_header,
     recv_exact,
     send_all,
@@ -524,17 +523,10 @@ class Server:
                 return True
         try:
             sent = self._answer_params(connection, request, layout, snapshots, segment)
-            if segment is None and sent is not None:
-                # Our uplink still carries what the kernel queued (a send returns with a
-                # megabyte or more of it left): it stays claimed, BUSY to IF_IDLE pulls, until
-                # that has drained, so a second puller does not share the send's last stretch.
-                # The snapshot is no longer pinned meanwhile.
-                drain(connection.sock, time.monotonic() + self.timeout, self.timeout, self._closed)
         finally:
             if segment is None:
                 with self._lock:
                     self._sending -= 1
-                snapshots.want_next()  # the next request then finds a fresh copy waiting
         if sent is None:
             return True
         if connection.session is not None:

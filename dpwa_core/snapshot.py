@@ -91,25 +91,13 @@ class SnapshotBuffer:
                 about as much time as it gains.
         """
         with self._fresh:
-            fresh = self._published >= 0 and self._ticks - self._published_tick <= FRESH_STEPS
-            if self.lazy and wait > 0 and fresh:
-                return  # sent as it is; no copy is asked for (want_next asks ahead)
             self._wanted = True
             if not self.lazy or wait <= 0 or self._published < 0:
                 return
+            if self._ticks - self._published_tick <= FRESH_STEPS:
+                return
             target = self.published + 1
             self._fresh.wait_for(lambda: self.published >= target, wait)
-
-    def want_next(self) -> None:
-        """Ask a lazy trainer to copy its model at its next step, without waiting for it.
-
-        The server calls this when a send ends: pullers ask again soon after, and the copy
-        made meanwhile is then fresh enough (:data:`FRESH_STEPS`) to be sent at once, so the
-        link does not sit idle while the next request waits for the trainer's step. One copy
-        per send, so a model nobody pulls is still not copied every step.
-        """
-        with self._lock:
-            self._wanted = True
 
     def tick(self) -> None:
         """Note one training step (the node calls this on every publish, copied or not)."""

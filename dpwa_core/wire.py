@@ -14,8 +14,6 @@ import enum
 import math
 import socket
 import struct
-import sys
-import threading
 import time
 from typing import NamedTuple
 
@@ -23,7 +21,6 @@ from dpwa_core.errors import ProtocolError
 from dpwa_core.wire_dtype import WireDType
 
 __all__ = [
-    "DRAINED_BYTES",
     "HEADER",
     "MAGIC",
     "MAX_TEXT_PAYLOAD",
@@ -40,13 +37,11 @@ __all__ = [
     "ShmAnswer",
     "VersionError",
     "decode_header",
-    "drain",
     "encode_header",
     "recv_exact",
     "send_all",
     "slice_bounds",
     "transfer_deadline",
-    "unacked_bytes",
 ]
 
 MAGIC = b"DPWA"
@@ -393,62 +388,6 @@ def send_all(
             sent += sock.send(view[sent:])
         except TimeoutError:
             raise TimeoutError(f"sent {sent} of {total} bytes, then the peer took none") from None
-
-
-DRAINED_BYTES = 16 * 1024
-"""A send queue this short counts as drained (:func:`drain`): a few milliseconds of a slow link."""
-_DRAIN_POLL = 0.002  # seconds between looks at the send queue
-
-
-def unacked_bytes(sock: socket.socket) -> int | None:
-    """Bytes written to ``sock`` that its peer has not acknowledged yet (Linux ``SIOCOUTQ``).
-
-    They are still on their way: in the kernel's send queue, or in the link's queues. None where
-    the kernel cannot say (another platform, a closed socket).
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    import fcntl  # noqa: PLC0415 - POSIX only
-    import termios  # noqa: PLC0415
-
-    try:
-        answer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # == SIOCOUTQ
-    except (OSError, ValueError):
-        return None
-    return int(struct.unpack("i", answer)[0])
-
-
-def drain(
-    sock: socket.socket,
-    deadline: float,
-    idle: float | None = None,
-    cancel: threading.Event | None = None,
-) -> bool:
-    """Wait until the peer has acknowledged all but :data:`DRAINED_BYTES` of what was sent.
-
-    A send returns once the kernel holds the data, while a megabyte or more may still be queued
-    for a slow link; until it drains, the link is not free for another transfer. Gives up
-    quietly at ``deadline``, when ``idle`` seconds pass without the queue shrinking, or as soon
-    as ``cancel`` is set (a server closing).
-
-    Returns:
-        Whether the queue drained (True too where the kernel cannot tell).
-    """
-    queued = unacked_bytes(sock)
-    progress = time.monotonic()
-    while queued is not None and queued > DRAINED_BYTES:
-        now = time.monotonic()
-        if now >= deadline or (idle is not None and now - progress >= idle):
-            return False
-        if cancel is None:
-            time.sleep(_DRAIN_POLL)
-        elif cancel.wait(_DRAIN_POLL):
-            return False
-        left = unacked_bytes(sock)
-        if left is not None and left < queued:
-            progress = time.monotonic()
-        queued = left
-    return True
 
 
 def transfer_deadline(start: float, nbytes: int, timeout: float) -> float:

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dpwa_core import server as server_module
 from dpwa_core.layout import Layout
 from dpwa_core.node import Node
 from dpwa_core.wire import (
@@ -80,37 +79,6 @@ def test_a_sending_server_answers_if_idle_pulls_with_busy_and_others_with_params
                 insist.sendall(request(BIG))
                 assert answer_type(insist) is MessageType.PARAMS
         assert node.stats()["served_busy"] == 2
-
-
-def test_a_server_stays_busy_until_its_answer_has_drained_from_the_link(
-    make_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    small = Layout.flat(1024)  # fits in the socket buffers: the send itself returns at once
-    drained = threading.Event()
-    draining = threading.Event()
-
-    def slow_drain(sock: socket.socket, deadline: float, *args: object) -> bool:
-        draining.set()  # the link still carries the answer's end until the test says it does not
-        return drained.wait(10)
-
-    monkeypatch.setattr(server_module, "drain", slow_drain)
-    config = make_cluster(1, transport="tcp", timeout_ms=TIMEOUT_MS)
-    with Node(config, "w1", layout=small) as node:
-        node.update_send(np.full(small.size, 1.0, np.float32), 1.0)
-        with socket.create_connection(node.address, timeout=10) as first:
-            first.sendall(request(small, FLAG_IF_IDLE))
-            assert answer_type(first) is MessageType.PARAMS
-            assert draining.wait(10)
-            with socket.create_connection(node.address, timeout=10) as second:
-                second.sendall(request(small, FLAG_IF_IDLE))
-                assert answer_type(second) is MessageType.BUSY
-                drained.set()
-                deadline = time.monotonic() + 10
-                while node.stats()["pulls_served"] < 1 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                second.sendall(request(small, FLAG_IF_IDLE))
-                assert answer_type(second) is MessageType.PARAMS
-        assert node.stats()["served_busy"] == 1
 
 
 def three_nodes(stack: ExitStack, make_cluster: Cluster) -> tuple[Node, Node, Node]:
