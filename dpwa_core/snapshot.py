@@ -88,13 +88,16 @@ class SnapshotBuffer:
                 the answer is the model as it is now, not as it was at the previous request;
                 unless the published snapshot is at most :data:`FRESH_STEPS` training steps
                 old (:meth:`tick`), which is fresh enough: waiting for a newer one would cost
-                about as much time as it gains.
+                about as much time as it gains. That one is sent as it is, and no copy is
+                asked for: on a fast link peers ask every step or two, and a copy for each
+                request would cost the trainer a model copy per answer.
         """
         with self._fresh:
+            fresh = self._published >= 0 and self._ticks - self._published_tick <= FRESH_STEPS
+            if self.lazy and wait > 0 and fresh:
+                return  # sent as it is: no copy is asked for
             self._wanted = True
             if not self.lazy or wait <= 0 or self._published < 0:
-                return
-            if self._ticks - self._published_tick <= FRESH_STEPS:
                 return
             target = self.published + 1
             self._fresh.wait_for(lambda: self.published >= target, wait)

@@ -100,3 +100,21 @@ def test_a_lazy_snapshot_one_step_old_is_served_at_once_an_older_one_waits() -> 
     assert 0.25 <= time.monotonic() - began < 4.0
     with buffer.pinned() as snapshot:
         assert snapshot is not None and snapshot.params[0] == 2.0
+
+
+def test_a_fresh_lazy_snapshot_is_sent_without_asking_the_trainer_for_a_copy() -> None:
+    buffer = SnapshotBuffer(4)
+    buffer.lazy = True
+    buffer.tick()
+    assert buffer.publish(lambda out: out.fill(1.0), 1.0, 0.5)
+    assert not buffer.wanted
+    buffer.want(wait=5.0)  # fresh: sent as it is
+    assert not buffer.wanted  # so the trainer copies nothing for it
+    for _ in range(FRESH_STEPS + 1):
+        buffer.tick()
+    copier = threading.Timer(0.2, lambda: buffer.publish(lambda out: out.fill(2.0), 2.0, 0.5))
+    copier.start()
+    buffer.want(wait=5.0)  # stale: asks for a copy and waits for it
+    copier.join()
+    with buffer.pinned() as snapshot:
+        assert snapshot is not None and snapshot.params[0] == 2.0
